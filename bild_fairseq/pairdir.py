@@ -1,0 +1,96 @@
+"""The pair directory: everything needed to decode raw text with a big/small model pair.
+
+    big.pt  small.pt  [small-aligned.pt]  dict.<src>.txt  dict.<tgt>.txt  bpe.codes  pair.json
+
+``pair.json`` (format 1)::
+
+    {"format": 1, "task": "translation" | "summarization",
+     "source_lang": "de", "target_lang": "en",        # fairseq suffixes (dictionary file names)
+     "moses_source_lang": "de", "moses_target_lang": "en",
+     "bpe": "subword_nmt", "bpe_codes": "bpe.codes",   # or "bpe": null for pre-split input
+     "max_source_tokens": null,                        # truncation applied before BPE at training
+     "big": "big.pt", "small": "small.pt",
+     "bild": {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10},
+     "generation": {"max_len_a": 0, "max_len_b": 200}}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bild_fairseq.text import TextPipeline
+
+PAIR_FORMAT = 1
+
+
+class PairDirError(ValueError):
+    """A pair directory is missing a file or has an invalid pair.json."""
+
+
+@dataclass
+class PairSpec:
+    directory: Path
+    task: str
+    source_lang: str
+    target_lang: str
+    moses_source_lang: str
+    moses_target_lang: str
+    bpe: str | None = "subword_nmt"
+    bpe_codes: str | None = "bpe.codes"
+    max_source_tokens: int | None = None
+    big: str = "big.pt"
+    small: str = "small.pt"
+    bild: dict = field(default_factory=dict)
+    generation: dict = field(default_factory=dict)
+    format: int = PAIR_FORMAT
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "PairSpec":
+        directory = Path(directory)
+        path = directory / "pair.json"
+        if not path.is_file():
+            raise PairDirError(f"{directory} is not a pair directory: {path} is missing (see README, 'Pair directories')")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise PairDirError(f"{path} is not valid JSON: {e}") from e
+        unknown = set(raw) - {f for f in cls.__dataclass_fields__ if f != "directory"}
+        if unknown:
+            raise PairDirError(f"{path}: unknown keys {sorted(unknown)}")
+        if raw.get("format", PAIR_FORMAT) != PAIR_FORMAT:
+            raise PairDirError(f"{path}: format {raw['format']} is not supported (expected {PAIR_FORMAT})")
+        try:
+            spec = cls(directory=directory, **raw)
+        except TypeError as e:
+            raise PairDirError(f"{path}: {e}") from e
+        spec.check()
+        return spec
+
+    def save(self) -> Path:
+        data = asdict(self)
+        del data["directory"]
+        path = self.directory / "pair.json"
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def check(self, *models: str) -> None:
+        """Fail early, naming the missing file, rather than deep inside fairseq."""
+        needed = [f"dict.{self.source_lang}.txt", f"dict.{self.target_lang}.txt", *(models or (self.big,))]
+        if self.bpe is not None:
+            needed.append(self.bpe_codes or "")
+        for name in needed:
+            if not (self.directory / name).is_file():
+                raise PairDirError(f"pair directory {self.directory}: missing {name}")
+
+    def model_path(self, which: str) -> Path:
+        """``which`` is "big", "small" or a file name in the directory (e.g. small-aligned.pt)."""
+        name = {"big": self.big, "small": self.small}.get(which, which)
+        path = self.directory / name
+        if not path.is_file():
+            raise PairDirError(f"pair directory {self.directory}: missing model file {name}")
+        return path
+
+    def text_pipeline(self) -> TextPipeline:
+        codes = self.directory / self.bpe_codes if self.bpe is not None and self.bpe_codes else None
+        return TextPipeline(self.moses_source_lang, self.moses_target_lang, codes, self.max_source_tokens)

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def deen_slice(tmp_path_factory) -> Path:
+    """A 300-line slice of the real LibreOffice-help corpus, prepared by the real recipe."""
+    return tiny.prepare_slice("deen", tmp_path_factory.mktemp("deen-slice"))
+
+
+@pytest.fixture(scope="session")
+def summ_slice(tmp_path_factory) -> Path:
+    return tiny.prepare_slice("summ", tmp_path_factory.mktemp("summ-slice"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(deen_slice, tmp_path_factory) -> Path:
+    """Random tiny de-en pair directory (mechanics only; quality tests use data/pairs)."""
+    return tiny.make_tiny_pair(deen_slice, tmp_path_factory.mktemp("tiny-pair"))
+
+
+@pytest.fixture(scope="session")
+def tiny_summ_pair(summ_slice, tmp_path_factory) -> Path:
+    return tiny.make_tiny_pair(summ_slice, tmp_path_factory.mktemp("tiny-summ-pair"), task="summarization",
+                               max_source_tokens=80)

@@ -1,0 +1,83 @@
+"""Tiny random fairseq transformer pairs over a real prepared corpus slice, for mechanics tests."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bild_fairseq.checkpoints import inference_state  # noqa: E402
+from bild_fairseq.pairdir import PairSpec  # noqa: E402
+
+WEIGHT_SCALE = 3.0
+POSITION_SCALE = 8.0
+EOS_SCALE = 2.5
+TINY_BIG = ["--encoder-layers", "2", "--decoder-layers", "3", "--encoder-embed-dim", "32",
+            "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+            "--encoder-attention-heads", "4", "--decoder-attention-heads", "4", "--share-decoder-input-output-embed", "--decoder-learned-pos"]
+TINY_SMALL = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
+              "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "32",
+              "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+              "--share-decoder-input-output-embed"]
+
+
+def prepare_slice(corpus: str, out: Path, limit: int = 300) -> Path:
+    """Run the real preparation recipe on the first ``limit`` lines of each split."""
+    from data.corpora import CORPORA
+    from data.prepare import prepare
+
+    prepare(CORPORA[corpus], out, limit=limit, workers=1)
+    return out
+
+
+def random_checkpoint(bin_dir: Path, arch_args: list[str], path: Path, seed: int, extra: list[str] = ()) -> Path:
+    """Build a randomly initialised ``transformer`` for ``bin_dir``'s dictionaries and save it as
+    an inference checkpoint (what a trained model looks like to the loader)."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    torch.manual_seed(seed)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [str(bin_dir), "--arch", "transformer", "--task", "translation", *arch_args, *extra]
+    )
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    with torch.no_grad():  # sharper, context-dependent distributions, so greedy outputs vary
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 2 and "embed" not in name:
+                p.mul_(0.5 if "encoder_attn" in name else WEIGHT_SCALE)
+            if "embed_positions" in name:
+                p.mul_(POSITION_SCALE)
+        # make EOS a frequent enough argmax that hypotheses end at varied lengths
+        eos = task.target_dictionary.eos()
+        model.decoder.embed_tokens.weight[eos].mul_(EOS_SCALE)
+    torch.save(inference_state({"args": None, "model": args, "task": {"_name": "translation", "data": str(bin_dir)}},
+                               model.state_dict(), fp16=False), path)
+    return path
+
+
+def make_tiny_pair(prepared: Path, out: Path, task: str = "translation", seed: int = 0,
+                   max_source_tokens: int | None = None) -> Path:
+    """A complete pair directory (random big + small, real dictionaries and BPE codes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    bin_dir = prepared / "bin"
+    dicts = sorted(p.name for p in bin_dir.glob("dict.*.txt"))
+    for name in dicts:
+        shutil.copy(bin_dir / name, out / name)
+    shutil.copy(prepared / "bpe.codes", out / "bpe.codes")
+    src, tgt = ("src", "tgt") if task == "summarization" else ("de", "en")
+    random_checkpoint(bin_dir, TINY_BIG, out / "big.pt", seed)
+    random_checkpoint(bin_dir, TINY_SMALL, out / "small.pt", seed + 1000)
+    spec = PairSpec(directory=out, task=task, source_lang=src, target_lang=tgt,
+                    moses_source_lang="en" if task == "summarization" else "de", moses_target_lang="en",
+                    max_source_tokens=max_source_tokens,
+                    bild={"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10},
+                    generation={"max_len_a": 0, "max_len_b": 30})
+    spec.save()
+    return out

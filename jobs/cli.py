@@ -1,0 +1,181 @@
+"""``bild-jobs``: translate or summarize large corpora with a BiLD pair, sharded, resumable.
+
+    bild-jobs run INPUT --pair DIR --output OUT [--executor local|slurm] ...
+    bild-jobs status WORKDIR
+    bild-jobs collect WORKDIR [--output OUT] [--ref REF]
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from bild_fairseq.pairdir import PairDirError
+from jobs.collect import CollectError, collect
+from jobs.config import ConfigError, Decoding, RunConfig
+from jobs.executors.base import Executor
+from jobs.executors.local import LocalExecutor, plan_slots
+from jobs.executors.slurm import SlurmError, SlurmExecutor, SlurmOptions
+from jobs.runner import ConfigChanged, RunRequest, execute, failure_report, plan_run
+from jobs.status import shard_states, status_table
+from jobs.workdir import WorkDir, WorkDirError
+
+PATH = click.Path(path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _summary(result: dict, wd: WorkDir) -> str:
+    totals = result["totals"]
+    issues = ", ".join(f"{n} {kind}" for kind, n in sorted(totals["issues"].items()))
+    lines = [f"wrote {result['output']}: {totals['lines_done']} lines"
+             + (f" ({issues}; see {result['issues_file']})" if issues else "")]
+    stats = totals["stats"]
+    if stats.get("tokens"):
+        lines.append(f"decoding: {stats['tokens']} tokens, big-model share {100 * stats['big_token_share']:.1f}%, "
+                     f"{stats['fallbacks']} fallbacks, {stats['rollbacks']} rollbacks")
+    if totals["lines_per_second"]:
+        lines.append(f"time: {totals['wall_seconds']:.1f} s wall, {totals['lines_per_second']:.1f} lines/s")
+    lines += [f"{s['name']} = {s['value']:.2f}  ({s['signature']})" for s in result.get("scores", [])]
+    lines.append(f"manifest: {wd.manifest}")
+    return "\n".join(lines)
+
+
+@click.group(help=__doc__)
+def main() -> None:
+    pass
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=EXISTING_FILE)
+@click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="pair directory: big.pt, small.pt, dictionaries, BPE codes, pair.json")
+@click.option("--output", "-o", required=True, type=PATH, help="output file, line-aligned with INPUT")
+@click.option("--workdir", "-w", type=PATH, help="run state (shards, logs, manifest) [OUTPUT.work]")
+@click.option("--shards", type=int, help="split INPUT into N line ranges "
+              "[at least one per worker, at most 100,000 lines each; on resume: as before]")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
+@click.option("--workers", type=int, help="local: worker processes [one per GPU; without GPUs, one per 4 cores]; "
+              "slurm: shards running at once [no limit]")
+@click.option("--bild", "mode", flag_value="bild", default=True, help="decode with BiLD (default)")
+@click.option("--big-only", "mode", flag_value="big", help="baseline: the big model alone")
+@click.option("--small-only", "mode", flag_value="small", help="baseline: the small model alone")
+@click.option("--small-checkpoint", help="small model file in the pair directory [pair.json's], e.g. small-aligned.pt")
+@click.option("--bild-exact", is_flag=True, help="roll back on any disagreement: output equals the big model's")
+@click.option("--fallback-threshold", type=float, help="BiLD fallback threshold [pair.json's]")
+@click.option("--rollback-threshold", type=float, help="BiLD rollback threshold [pair.json's]")
+@click.option("--max-small-steps", type=int, help="BiLD max consecutive small-model steps [pair.json's]")
+@click.option("--beam", type=int, default=1, show_default=True, help="beam size (--big-only/--small-only only)")
+@click.option("--max-len-a", type=float, help="max output length a*source+b [pair.json's]")
+@click.option("--max-len-b", type=int, help="max output length a*source+b [pair.json's]")
+@click.option("--fp16", is_flag=True, help="half precision (GPU)")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="source tokens per batch")
+@click.option("--max-sentences", type=int, help="sentences per batch [no limit]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--ref", type=EXISTING_FILE, help="reference, line-aligned with INPUT: score with BLEU+chrF "
+              "(translation) or ROUGE (summarization)")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="times to rerun a failed shard")
+@click.option("--fresh", is_flag=True, help="discard the results of WORKDIR's earlier run, even with another config")
+@click.option("--python", "python_cmd", default=sys.executable, show_default=True,
+              help="command that runs Python for workers (e.g. a cluster's own venv, or a container exec)")
+@click.option("--progress/--no-progress", default=None, help="progress bar [when stderr is a terminal]")
+@click.option("--partition", help="slurm: partition")
+@click.option("--time", "time_limit", help="slurm: time limit per shard, e.g. 4:00:00")
+@click.option("--gpus-per-task", type=click.IntRange(min=0), default=0, show_default=True, help="slurm: GPUs per shard")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), help="slurm: CPUs per shard (= decoding threads)")
+@click.option("--mem", help="slurm: memory per shard, e.g. 16G")
+@click.option("--sbatch-option", "sbatch_options", multiple=True,
+              help="slurm: extra sbatch option, verbatim, e.g. --sbatch-option=--account=nlp (repeatable)")
+@click.option("--dry-run", is_flag=True, help="slurm: prepare WORKDIR, print the job script and sbatch command, submit nothing")
+def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, shards: int | None, executor: str,
+        workers: int | None, mode: str, small_checkpoint: str | None, bild_exact: bool,
+        fallback_threshold: float | None, rollback_threshold: float | None, max_small_steps: int | None,
+        beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool, max_tokens: int,
+        max_sentences: int | None, device: str, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
+        progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
+        cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], dry_run: bool) -> None:
+    """Decode INPUT (plain, .gz or .xz; one sentence or document per line) into OUTPUT, line-aligned."""
+    if dry_run and executor != "slurm":
+        raise click.UsageError("--dry-run prints a Slurm job script: use it with --executor slurm")
+    try:
+        decoding = Decoding(mode=mode, small_checkpoint=small_checkpoint, exact=bild_exact,
+                            fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
+                            max_small_steps=max_small_steps, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
+                            fp16=fp16)
+        slots = plan_slots(device, workers) if executor == "local" else []
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    wd = WorkDir(workdir or output.with_name(output.name + ".work"))
+    request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,
+                         parallel=len(slots) or workers, max_tokens=max_tokens, max_sentences=max_sentences,
+                         device=device)
+    python = shlex.split(python_cmd)
+    try:
+        with wd.lock():
+            cfg = plan_run(wd, request, fresh, _echo)
+            runner: Executor
+            if executor == "local":
+                runner, info = LocalExecutor(wd, python, slots), {"name": "local", "workers": len(slots)}
+            else:
+                options = SlurmOptions(partition=partition, time=time_limit, gpus_per_task=gpus_per_task,
+                                       cpus_per_task=cpus_per_task, mem=mem, max_parallel=workers,
+                                       extra=sbatch_options)
+                runner = SlurmExecutor(wd, python, options, job_name=f"bild-{cfg.hash[:8]}")
+                info = {"name": "slurm", "jobs_file": str(wd.slurm / "jobs.json")}
+                if dry_run:
+                    _print_dry_run(runner, wd, cfg)
+                    return
+            failures = execute(wd, cfg, runner, retries, _echo,
+                               progress if progress is not None else sys.stderr.isatty(), info)
+            if failures:
+                raise click.ClickException(failure_report(failures, cfg, retries))
+            click.echo(_summary(collect(wd, cfg, output, ref), wd))
+    except (PairDirError, ConfigError, ConfigChanged, WorkDirError, SlurmError, CollectError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _print_dry_run(executor: SlurmExecutor, wd: WorkDir, cfg: RunConfig) -> None:
+    todo = [i for i in range(cfg.shards) if not wd.is_done(i, cfg.hash)]
+    script = executor.write_script()
+    click.echo(script.read_text(), nl=False)
+    if todo:
+        click.echo(f"# to submit the {len(todo)} shard(s) not done yet:\n# {shlex.join(executor.sbatch_command(todo))}")
+    else:
+        click.echo("# every shard is done: `bild-jobs collect` writes the output")
+
+
+@main.command()
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def status(workdir: Path) -> None:
+    """Show each shard of WORKDIR's run: pending, running, done or failed (Slurm: from squeue too)."""
+    wd = WorkDir(workdir)
+    if not wd.config.is_file():
+        raise click.ClickException(f"{workdir} is not a bild-jobs work directory (no config.json)")
+    try:
+        cfg = RunConfig.load(wd.config)
+        click.echo(status_table(wd, cfg, shard_states(wd, cfg)))
+    except SlurmError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command(name="collect")
+@click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "-o", type=PATH, help="output file [the run's --output]")
+@click.option("--ref", type=EXISTING_FILE, help="reference to score against, line-aligned with the input")
+def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> None:
+    """Concatenate WORKDIR's finished shards into the output, in input order; write the manifest."""
+    wd = WorkDir(workdir)
+    if not wd.config.is_file():
+        raise click.ClickException(f"{workdir} is not a bild-jobs work directory (no config.json)")
+    try:
+        with wd.lock():
+            cfg = RunConfig.load(wd.config)
+            click.echo(_summary(collect(wd, cfg, output or Path(cfg.output), ref), wd))
+    except (WorkDirError, CollectError) as e:
+        raise click.ClickException(str(e)) from None

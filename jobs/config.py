@@ -1,0 +1,130 @@
+"""A run's configuration, and its hash over exactly the settings that decide the output.
+
+Resume compares hashes: the input's content, the shard plan, the pair's files and the decoding
+options. Paths, executors, worker counts and batch sizes are not hashed: moving a corpus, adding
+GPUs or lowering ``--max-tokens`` after an out-of-memory error must not throw finished shards away.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bild_fairseq.pairdir import PairSpec
+from jobs.shards import plan
+from jobs.workdir import write_atomic
+
+MODES = ("bild", "big", "small")
+
+
+class ConfigError(ValueError):
+    """Options that cannot work together; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The decoding options of :class:`bild_fairseq.api.PairTranslator` (None: the pair's recommendation)."""
+
+    mode: str = "bild"
+    small_checkpoint: str | None = None
+    exact: bool = False
+    fallback_threshold: float | None = None
+    rollback_threshold: float | None = None
+    max_small_steps: int | None = None
+    beam: int = 1
+    max_len_a: float | None = None
+    max_len_b: int | None = None
+    fp16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"decoding mode must be one of {MODES}, got {self.mode!r}")
+        thresholds = [self.fallback_threshold, self.rollback_threshold, self.max_small_steps]
+        if self.mode != "bild" and (self.exact or any(t is not None for t in thresholds)):
+            raise ConfigError("--bild-exact and the BiLD thresholds apply to BiLD decoding, not to "
+                              "--big-only/--small-only baselines: drop them or drop the baseline flag")
+        if self.exact and any(t is not None for t in thresholds):
+            raise ConfigError("--bild-exact reproduces the big model's output and takes no thresholds: "
+                              "give either --bild-exact or --fallback-threshold/--rollback-threshold/--max-small-steps")
+        if self.mode == "bild" and self.beam != 1:
+            raise ConfigError(f"BiLD decodes greedily (beam 1), got --beam {self.beam}: "
+                              "beam search is for the --big-only/--small-only baselines")
+        if self.mode == "big" and self.small_checkpoint is not None:
+            raise ConfigError("--small-checkpoint has no effect with --big-only: drop it")
+        if self.beam < 1:
+            raise ConfigError(f"--beam must be >= 1, got {self.beam}")
+
+    def model_files(self, spec: PairSpec) -> list[str]:
+        """The checkpoint files of the pair directory this decoding reads."""
+        small = self.small_checkpoint or spec.small
+        return {"bild": [spec.big, small], "big": [spec.big], "small": [small]}[self.mode]
+
+    def translator_kwargs(self) -> dict:
+        return asdict(self)
+
+
+def pair_fingerprint(spec: PairSpec, decoding: Decoding, digest: Callable[[Path], str]) -> dict:
+    """Content digests of every pair file this decoding uses (pair.json holds the defaults)."""
+    names = ["pair.json", f"dict.{spec.source_lang}.txt", f"dict.{spec.target_lang}.txt",
+             *decoding.model_files(spec)]
+    if spec.bpe is not None and spec.bpe_codes:
+        names.append(spec.bpe_codes)
+    return {name: digest(spec.directory / name) for name in sorted(set(names))}
+
+
+@dataclass
+class RunConfig:
+    """``config.json`` of a work directory: what workers read, and what resume compares."""
+
+    input: str
+    input_sha256: str
+    lines: int
+    shards: int
+    pair_dir: str
+    task: str
+    pair_fingerprint: dict
+    decoding: Decoding
+    output: str
+    max_tokens: int = 4096
+    max_sentences: int | None = None
+    device: str = "auto"
+    hash: str = field(default="", compare=False)
+
+    HASHED = ("input_sha256", "lines", "shards", "pair_fingerprint", "decoding")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decoding, dict):
+            self.decoding = Decoding(**self.decoding)
+        self.hash = hashlib.sha256(json.dumps(self.hashed(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def hashed(self) -> dict:
+        data = asdict(self)
+        return {key: data[key] for key in self.HASHED}
+
+    def ranges(self) -> list[range]:
+        return plan(self.lines, self.shards)
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """Human-readable hashed settings that differ from ``other``'s (for the refusal message)."""
+        mine, theirs = _flatten(self.hashed()), _flatten(other.hashed())
+        return [f"{k}: {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(mine.keys() | theirs.keys())
+                if mine.get(k) != theirs.get(k)]
+
+    def save(self, path: Path) -> None:
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

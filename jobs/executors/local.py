@@ -1,0 +1,124 @@
+"""Workers as child processes of the driver: one per GPU, or several CPU workers without one."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Sequence
+
+from jobs.config import ConfigError
+from jobs.executors.base import Ended, Executor
+from jobs.workdir import WorkDir
+
+TERMINATE_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+THREADS_PER_CPU_WORKER = 4  # default CPU split: fewer, wider workers keep model copies in RAM few
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids a child may be given in CUDA_VISIBLE_DEVICES (the driver's own restriction holds)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def plan_slots(device: str, workers: int | None) -> list[dict[str, str]]:
+    """The environment of each worker slot: a GPU each (round robin when ``workers`` exceeds the
+    GPUs), or, on CPU, hidden GPUs and a fair share of this machine's cores as threads."""
+    gpus = visible_gpus() if device != "cpu" else []
+    if device == "cuda" and not gpus:
+        raise ConfigError("--device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES / torch): "
+                          "use --device cpu, or run on a GPU machine")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if gpus:
+        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(workers or len(gpus))]
+    cores = len(os.sched_getaffinity(0))
+    workers = workers or max(1, cores // THREADS_PER_CPU_WORKER)
+    threads = str(max(1, cores // workers))
+    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * workers
+
+
+@dataclass
+class _Running:
+    shard: int
+    process: subprocess.Popen
+    log: Path
+    log_file: IO
+
+
+class LocalExecutor(Executor):
+    name = "local"
+    poll_interval_s = 0.5
+
+    def __init__(self, wd: WorkDir, python: Sequence[str], slots: list[dict[str, str]]):
+        super().__init__(wd, python)
+        self.slots = slots
+        self.queue: deque[int] = deque()
+        self.running: dict[int, _Running] = {}  # slot -> worker
+
+    def submit(self, shards: Sequence[int]) -> None:
+        self.queue.extend(shards)
+        self._fill_slots()
+
+    def _fill_slots(self) -> None:
+        for slot, env in enumerate(self.slots):
+            if slot in self.running or not self.queue:
+                continue
+            shard = self.queue.popleft()
+            log = self.wd.local_log(shard, self.wd.next_attempt(shard))
+            log_file = open(log, "ab")
+            # own session: Ctrl-C reaches the driver only, which then stops the workers itself
+            process = subprocess.Popen([*self.worker_command(), str(shard), "--log", str(log)],
+                                       env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT, start_new_session=True,
+                                       preexec_fn=_die_with_parent)
+            self.running[slot] = _Running(shard, process, log, log_file)
+
+    def poll(self) -> list[Ended]:
+        ended = []
+        for slot, w in list(self.running.items()):
+            code = w.process.poll()
+            if code is None:
+                continue
+            w.log_file.close()
+            del self.running[slot]
+            ended.append(Ended(w.shard, w.log, _exit_reason(code)))
+        self._fill_slots()
+        return ended
+
+    def active(self) -> list[int]:
+        return [*self.queue, *(w.shard for w in self.running.values())]
+
+    def interrupt(self) -> str:
+        self.queue.clear()
+        for w in self.running.values():
+            w.process.terminate()
+        for w in self.running.values():
+            try:
+                w.process.wait(TERMINATE_GRACE_S)
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait()
+            w.log_file.close()
+        stopped = len(self.running)
+        self.running.clear()
+        return f"stopped {stopped} local worker(s)"
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the driver dies, even by SIGKILL, so no orphan decodes a shard
+    that a rerun then starts again."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        return f"the worker was killed by {signal.Signals(-code).name}"
+    return f"the worker exited with status {code}"

@@ -1,0 +1,173 @@
+"""The driver: plan a run in its work directory, run missing shards with retries, report.
+
+Whatever the executor, a shard counts as done only through its record and output file (see
+jobs.workdir), so rerunning the same command redoes exactly the shards that are not done.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from bild_fairseq.pairdir import PairSpec
+from jobs import manifest
+from jobs.config import ConfigError, Decoding, RunConfig, pair_fingerprint
+from jobs.executors.base import Ended, Executor
+from jobs.shards import scan
+from jobs.workdir import WorkDir, sha256_file
+
+LINES_PER_SHARD = 100_000  # default shard size: minutes of work each, cheap to redo
+
+
+class ConfigChanged(RuntimeError):
+    """The work directory holds a run with another configuration."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    input: Path
+    pair_dir: Path
+    output: Path
+    decoding: Decoding
+    shards: int | None = None
+    parallel: int | None = None  # workers: sizes the default shard count
+    max_tokens: int = 4096
+    max_sentences: int | None = None
+    device: str = "auto"
+
+
+def plan_run(wd: WorkDir, req: RunRequest, fresh: bool, echo: Callable[[str], None]) -> RunConfig:
+    """Check the pair, scan the input, and create or resume the work directory's configuration."""
+    spec = PairSpec.load(req.pair_dir)
+    spec.check(*req.decoding.model_files(spec))
+    corpus = wd.cached("corpus", req.input, lambda p: asdict(scan(p)))
+    previous = RunConfig.load(wd.config) if wd.config.is_file() else None
+    shards = req.shards or (previous.shards if previous else None) \
+        or max(req.parallel or 1, math.ceil(corpus["lines"] / LINES_PER_SHARD))
+    if shards < 1:
+        raise ConfigError(f"--shards must be >= 1, got {shards}")
+    if shards > max(corpus["lines"], 1):
+        echo(f"note: {shards} shards requested for {corpus['lines']} input lines: using {max(corpus['lines'], 1)}")
+        shards = max(corpus["lines"], 1)
+    cfg = RunConfig(input=str(req.input.absolute()), input_sha256=corpus["sha256"], lines=corpus["lines"],
+                    shards=shards, pair_dir=str(req.pair_dir.absolute()), task=spec.task,
+                    pair_fingerprint=pair_fingerprint(spec, req.decoding,
+                                                      lambda p: wd.cached("sha256", p, sha256_file)),
+                    decoding=req.decoding, output=str(req.output.absolute()), max_tokens=req.max_tokens,
+                    max_sentences=req.max_sentences, device=req.device)
+    if previous is not None and previous.hash != cfg.hash:
+        if not fresh:
+            changes = "\n  ".join(cfg.differences(previous))
+            raise ConfigChanged(f"{wd.root} holds a run with another configuration:\n  {changes}\n"
+                                "Rerun with --fresh to discard its results and start over, "
+                                "or give another --workdir.")
+        echo(f"--fresh: discarding the results in {wd.root} (config {previous.hash})")
+        wd.clear()
+    wd.create()
+    cfg.save(wd.config)
+    return cfg
+
+
+@dataclass
+class Failure:
+    shard: int
+    reason: str
+    log: Path | None
+
+
+def _settle(wd: WorkDir, cfg: RunConfig, ended: Ended) -> Failure | None:
+    """Decide how a worker ended; a worker killed mid-shard gets its record marked failed."""
+    if wd.is_done(ended.shard, cfg.hash):
+        return None
+    record = wd.read_record(ended.shard)
+    if record is not None and record.config_hash == cfg.hash and record.status == "failed":
+        return Failure(ended.shard, record.error or ended.reason, Path(record.log) if record.log else ended.log)
+    reason = f"{ended.reason} without a result"
+    if ended.log is not None and ended.log.is_file():
+        last = ended.log.read_text(errors="replace").strip().splitlines()[-1:]
+        reason += f"; its log ends: {last[0]}" if last else "; its log is empty"
+    if record is not None and record.config_hash == cfg.hash:
+        record.status, record.error, record.finished = "failed", reason, time.time()
+        record.log = record.log or (str(ended.log) if ended.log else None)
+        wd.write_record(record)
+    return Failure(ended.shard, reason, ended.log)
+
+
+class Progress:
+    """tqdm over input lines: finished shards plus what running workers report."""
+
+    def __init__(self, wd: WorkDir, cfg: RunConfig, enabled: bool):
+        self.wd, self.cfg = wd, cfg
+        self.bar = tqdm(total=cfg.lines, initial=self._done(), unit="line", dynamic_ncols=True,
+                        disable=not enabled, desc="decoding")
+
+    def _done(self) -> int:
+        return sum(len(r) for i, r in enumerate(self.cfg.ranges()) if self.wd.is_done(i, self.cfg.hash))
+
+    def refresh(self, running: list[int]) -> None:
+        n = self._done() + sum(self.wd.lines_in_progress(i) for i in running)
+        self.bar.update(max(0, n - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo: Callable[[str], None],
+            progress: bool, executor_info: dict) -> list[Failure]:
+    """Run every shard that is not done, retrying failures up to ``retries`` times each;
+    returns the shards that still failed. Keeps the manifest current as shards end."""
+    in_flight = executor.attach()
+    todo = [i for i in range(cfg.shards) if not wd.is_done(i, cfg.hash) and i not in in_flight]
+    done_before = cfg.shards - len(todo) - len(in_flight)
+    echo(f"{cfg.shards} shard(s) over {cfg.lines} lines: {done_before} done, {len(todo)} to run"
+         + (f", {len(in_flight)} still in Slurm" if in_flight else "") + f" ({executor.name} executor)")
+    tries: Counter[int] = Counter(todo)
+    failures: dict[int, Failure] = {}
+    bar = Progress(wd, cfg, progress)
+    if todo:
+        executor.submit(todo)
+    manifest.write(wd, manifest.build(wd, cfg, executor=executor_info))
+    try:
+        while executor.active():
+            time.sleep(executor.poll_interval_s)
+            retry = []
+            ended = executor.poll()
+            for e in ended:
+                failure = _settle(wd, cfg, e)
+                if failure is None:
+                    continue
+                if tries[e.shard] <= retries:
+                    echo(f"shard {e.shard} failed ({failure.reason}); retry {tries[e.shard]} of {retries}")
+                    retry.append(e.shard)
+                else:
+                    failures[e.shard] = failure
+            if retry:
+                tries.update(retry)
+                executor.submit(retry)
+            if ended:
+                manifest.write(wd, manifest.build(wd, cfg, executor=executor_info))
+            bar.refresh(executor.active())
+    except KeyboardInterrupt:
+        bar.close()
+        echo(f"interrupted: {executor.interrupt()}")
+        manifest.write(wd, manifest.build(wd, cfg, executor=executor_info))
+        raise
+    bar.close()
+    return [failures[s] for s in sorted(failures)]
+
+
+def failure_report(failures: list[Failure], cfg: RunConfig, retries: int) -> str:
+    ranges = cfg.ranges()
+    lines = [f"{len(failures)} shard(s) still failed after {retries} retr{'y' if retries == 1 else 'ies'}; "
+             "rerun the same command to retry them:"]
+    for f in failures:
+        r = ranges[f.shard]
+        lines.append(f"  shard {f.shard} (input lines {r.start + 1}-{r.stop}): {f.reason}")
+        if f.log is not None:
+            lines.append(f"    log: {f.log}")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""The work directory: a run's whole state, as files that workers on any node can share.
+
+    config.json          the run's configuration (jobs.config.RunConfig)
+    manifest.json        per-shard status and totals, rewritten by the driver and by collect
+    issues.tsv           input lines that were empty, truncated or had invalid UTF-8 (collect)
+    shards/00003.out     a finished shard's output lines      } written atomically, output first:
+    shards/00003.json    its record (jobs.workdir.ShardRecord) } a record "done" means both exist
+    shards/00003.progress  lines decoded so far by a running worker
+    logs/shard-00003.local-2.log, logs/shard-00003.slurm-<jobid>.log   worker output per attempt
+    slurm/               submitted job scripts and job ids
+    digests.json         content digests keyed by (path, size, mtime), so resume need not rehash
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+@contextmanager
+def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Write ``path`` through a temporary file renamed over it once complete and synced, so a
+    killed writer never leaves a partial file under the final name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_writer(path) as f:
+        f.write(text)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+STATUSES = ("running", "done", "failed")
+
+
+@dataclass
+class ShardRecord:
+    """What a worker reports about one attempt at one shard (``shards/NNNNN.json``)."""
+
+    index: int
+    start: int
+    stop: int
+    config_hash: str
+    status: str
+    attempt: int
+    host: str = ""
+    pid: int = 0
+    started: float = 0.0
+    finished: float | None = None
+    log: str | None = None
+    error: str | None = None
+    issues: list = field(default_factory=list)  # [input line (0-based), kind, detail]
+    stats: dict = field(default_factory=dict)
+    decoding: dict = field(default_factory=dict)  # PairTranslator.config_dict(): what was actually used
+    timings: dict = field(default_factory=dict)   # seconds: load, decode, total
+
+    @property
+    def lines(self) -> int:
+        return self.stop - self.start
+
+
+class WorkDirError(RuntimeError):
+    """The work directory is in use, or not a work directory."""
+
+
+class WorkDir:
+    def __init__(self, root: Path):
+        self.root = Path(root).absolute()
+        self.config = self.root / "config.json"
+        self.manifest = self.root / "manifest.json"
+        self.issues = self.root / "issues.tsv"
+        self.shards = self.root / "shards"
+        self.logs = self.root / "logs"
+        self.slurm = self.root / "slurm"
+
+    def create(self) -> None:
+        for d in (self.shards, self.logs, self.slurm):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def clear(self) -> None:
+        """Forget every result (``--fresh``); the lock file stays, its holder is us."""
+        for d in (self.shards, self.logs, self.slurm):
+            shutil.rmtree(d, ignore_errors=True)
+        for f in (self.config, self.manifest, self.issues, self.root / "digests.json"):
+            f.unlink(missing_ok=True)
+
+    def output(self, index: int) -> Path:
+        return self.shards / f"{index:05d}.out"
+
+    def progress(self, index: int) -> Path:
+        return self.shards / f"{index:05d}.progress"
+
+    def record_path(self, index: int) -> Path:
+        return self.shards / f"{index:05d}.json"
+
+    def local_log(self, index: int, attempt: int) -> Path:
+        return self.logs / f"shard-{index:05d}.local-{attempt}.log"
+
+    def slurm_log(self, index: int | str, job_id: str) -> Path:
+        """``index``/``job_id`` may be sbatch's ``%5a``/``%A`` placeholders: the same name either way."""
+        shard = f"{index:05d}" if isinstance(index, int) else index
+        return self.logs / f"shard-{shard}.slurm-{job_id}.log"
+
+    def read_record(self, index: int) -> ShardRecord | None:
+        try:
+            return ShardRecord(**json.loads(self.record_path(index).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+
+    def write_record(self, record: ShardRecord) -> None:
+        write_atomic(self.record_path(record.index), json.dumps(asdict(record), indent=1) + "\n")
+
+    def is_done(self, index: int, config_hash: str) -> bool:
+        record = self.read_record(index)
+        return (record is not None and record.status == "done" and record.config_hash == config_hash
+                and self.output(index).is_file())
+
+    def next_attempt(self, index: int) -> int:
+        record = self.read_record(index)
+        return record.attempt + 1 if record else 1
+
+    def lines_in_progress(self, index: int) -> int:
+        try:
+            return int(self.progress(index).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def cached(self, kind: str, path: Path, compute: Callable[[Path], T]) -> T:
+        """``compute(path)`` (a pass over the whole file, JSON-able), kept while size and mtime hold."""
+        cache_path = self.root / "digests.json"
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        st = path.stat()
+        key = f"{kind}:{path.resolve()}"
+        entry = cache.get(key)
+        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
+            return entry["value"]
+        value = compute(path)
+        cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "value": value}
+        write_atomic(cache_path, json.dumps(cache, indent=1) + "\n")
+        return value
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One driver per work directory: a second ``run``/``collect`` would race on the same shards."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise WorkDirError(f"{self.root} is in use by another bild-jobs process ({f.read().strip()}); "
+                                   "wait for it, or stop it first") from None
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+            f.flush()
+            yield

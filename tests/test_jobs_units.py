@@ -1,0 +1,213 @@
+"""The runner's parts without models: reading and sharding corpora, config hashing, atomic
+writes, shard bookkeeping, bad-line isolation, Slurm array specs."""
+from __future__ import annotations
+
+import gzip
+import lzma
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, Decoding, RunConfig
+from jobs.executors.slurm import SlurmExecutor, SlurmOptions, array_spec
+from jobs.manifest import merge_stats
+from jobs.shards import decode_line, iter_lines, plan, scan
+from jobs.worker import MAX_FAILED_LINES, translate_isolating
+from jobs.workdir import ShardRecord, WorkDir, atomic_writer
+
+# CRLF, an empty line, invalid UTF-8, a form feed and U+2028 (line breaks to str.splitlines,
+# not to a corpus), and a last line without a newline
+RAW = b"eins\r\n\nzwei \xff\xfe drei\nvier\x0cf\xc3\xbcnf\xe2\x80\xa8sechs\n\nlast"
+LINES = [b"eins", b"", b"zwei \xff\xfe drei", b"vier\x0cf\xc3\xbcnf\xe2\x80\xa8sechs", b"", b"last"]
+
+
+@pytest.fixture(params=["plain", "gz", "xz"])
+def corpus(request, tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"  # the same name for all: compression is detected by content
+    path.write_bytes({"plain": RAW, "gz": gzip.compress(RAW), "xz": lzma.compress(RAW)}[request.param])
+    return path
+
+
+def test_lines_are_split_on_newlines_only_whatever_the_compression(corpus):
+    assert list(iter_lines(corpus)) == LINES
+    assert list(iter_lines(corpus, 2, 4)) == LINES[2:4]
+    info = scan(corpus)
+    assert info.lines == len(LINES)
+    assert info.sha256 == scan(_plain(corpus.parent, RAW)).sha256  # content, not file, identity
+
+
+def _plain(directory: Path, data: bytes) -> Path:
+    path = directory / "plain-copy.txt"
+    path.write_bytes(data)
+    return path
+
+
+def test_line_count_with_and_without_final_newline(tmp_path):
+    for data, lines in [(b"", 0), (b"\n", 1), (b"a", 1), (b"a\n", 1), (b"a\nb", 2), (b"a\n\n", 2)]:
+        path = _plain(tmp_path, data)
+        assert scan(path).lines == lines == len(list(iter_lines(path))), data
+
+
+def test_invalid_utf8_is_replaced_and_flagged():
+    assert decode_line(b"f\xc3\xbcnf") == ("fünf", False)
+    text, invalid = decode_line(b"zwei \xff drei")
+    assert invalid and text == "zwei \ufffd drei"
+
+
+@pytest.mark.parametrize("lines,shards", [(10, 3), (7, 7), (1000, 16), (5, 1), (0, 1)])
+def test_plan_covers_every_line_once_in_order(lines, shards):
+    ranges = plan(lines, shards)
+    assert len(ranges) == shards
+    assert [i for r in ranges for i in r] == list(range(lines))
+    assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_plan_refuses_more_shards_than_lines():
+    with pytest.raises(ValueError, match="at most one shard per line"):
+        plan(3, 4)
+
+
+def _config(**changes) -> RunConfig:
+    base = dict(input="/data/in.de", input_sha256="ab" * 32, lines=100, shards=4, pair_dir="/pairs/deen",
+                task="translation", pair_fingerprint={"big.pt": "1", "pair.json": "2"}, decoding=Decoding(),
+                output="/out/hyp.en")
+    return RunConfig(**{**base, **changes})
+
+
+def test_config_hash_covers_what_changes_the_output_and_nothing_else():
+    base = _config()
+    for same in [dict(input="/elsewhere/in.de"), dict(output="/x"), dict(max_tokens=100), dict(device="cuda"),
+                 dict(pair_dir="/copied/pair")]:
+        assert _config(**same).hash == base.hash, same
+    for changed in [dict(input_sha256="cd" * 32), dict(shards=5), dict(lines=101),
+                    dict(pair_fingerprint={"big.pt": "3", "pair.json": "2"}),
+                    dict(decoding=Decoding(fallback_threshold=0.5)), dict(decoding=Decoding(mode="big", beam=4))]:
+        assert _config(**changed).hash != base.hash, changed
+    diff = _config(decoding=Decoding(fallback_threshold=0.5)).differences(base)
+    assert diff == ["decoding.fallback_threshold: None -> 0.5"]
+
+
+def test_config_roundtrip(tmp_path):
+    cfg = _config(decoding=Decoding(mode="small", beam=5, small_checkpoint="small-aligned.pt"))
+    cfg.save(tmp_path / "config.json")
+    loaded = RunConfig.load(tmp_path / "config.json")
+    assert loaded == cfg and loaded.hash == cfg.hash and loaded.decoding.beam == 5
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(beam=4), "BiLD decodes greedily"),
+    (dict(exact=True, fallback_threshold=0.5), "takes no thresholds"),
+    (dict(mode="big", rollback_threshold=2.0), "apply to BiLD decoding"),
+    (dict(mode="big", small_checkpoint="small-aligned.pt"), "no effect with --big-only"),
+    (dict(mode="beam"), "decoding mode"),
+])
+def test_contradictory_decoding_options_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Decoding(**options)
+
+
+def test_atomic_writer_leaves_nothing_behind_when_the_writer_dies(tmp_path):
+    target = tmp_path / "00001.out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_writer(target) as f:
+            f.write("half a shard\n")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with atomic_writer(target) as f:
+        f.write("whole\n")
+    assert target.read_text() == "whole\n" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_shard_is_done_only_with_a_done_record_of_this_config_and_its_output(tmp_path):
+    wd = WorkDir(tmp_path)
+    wd.create()
+    record = ShardRecord(index=2, start=10, stop=20, config_hash="h1", status="running", attempt=1)
+    wd.write_record(record)
+    wd.output(2).write_text("x\n" * 10)
+    assert not wd.is_done(2, "h1")  # output of a worker that was killed before its record
+    record.status = "done"
+    wd.write_record(record)
+    assert wd.is_done(2, "h1") and not wd.is_done(2, "h2")
+    wd.output(2).unlink()
+    assert not wd.is_done(2, "h1")
+    assert wd.next_attempt(2) == 2 and wd.next_attempt(3) == 1
+
+
+def test_work_directory_lock_is_exclusive(tmp_path):
+    from jobs.workdir import WorkDirError
+
+    wd = WorkDir(tmp_path)
+    with wd.lock():
+        with pytest.raises(WorkDirError, match="in use by another bild-jobs process"):
+            with WorkDir(tmp_path).lock():
+                pass
+    with wd.lock():  # released
+        pass
+
+
+@dataclass
+class _Out:
+    hypotheses: list
+    issues: list
+    stats: dict
+
+
+class _FakeTranslator:
+    """Upper-cases lines; raises on any batch holding a line with "BOOM"."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def translate(self, lines, progress=None, **kwargs):
+        self.calls += 1
+        if any("BOOM" in line for line in lines):
+            raise RuntimeError("cannot decode this\nsecond line of the message")
+        progress(len(lines))
+        return _Out([line.upper() for line in lines], [], {"sentences": len(lines), "tokens": 2 * len(lines)})
+
+
+def test_lines_the_decoder_cannot_process_get_empty_outputs_and_issues():
+    lines = [f"line {i}" for i in range(20)]
+    lines[3] = lines[17] = "BOOM"
+    seen = []
+    hyps, issues, stats = translate_isolating(_FakeTranslator(), lines, 0, seen.append, [])
+    assert hyps == ["" if line == "BOOM" else line.upper() for line in lines]
+    assert issues == [[3, "failed", "RuntimeError: cannot decode this"], [17, "failed", "RuntimeError: cannot decode this"]]
+    assert merge_stats(stats)["sentences"] == 18
+
+
+def test_a_decoder_failing_on_every_line_fails_the_shard_instead_of_emptying_it():
+    lines = ["BOOM"] * 100
+    translator = _FakeTranslator()
+    with pytest.raises(RuntimeError, match="cannot decode"):
+        translate_isolating(translator, lines, 0, lambda n: None, [])
+    assert translator.calls < 100  # gave up early
+
+
+def test_merge_stats_recomputes_ratios_from_sums():
+    a = {"tokens": 10, "big_tokens": 10, "small_tokens": 0, "big_calls": 10, "big_token_share": 1.0}
+    b = {"tokens": 90, "big_tokens": 0, "small_tokens": 90, "big_calls": 3, "big_token_share": 0.0}
+    total = merge_stats([a, b])
+    assert total["tokens"] == 100 and total["big_token_share"] == pytest.approx(0.1)
+    assert total["tokens_per_big_call"] == pytest.approx(100 / 13)
+
+
+def test_array_spec_compresses_ranges():
+    assert array_spec([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+    assert array_spec([3]) == "3"
+    assert array_spec(range(10), max_parallel=2) == "0-9%2"
+
+
+def test_slurm_job_script_uses_this_python_and_the_options(tmp_path):
+    options = SlurmOptions(partition="gpu", time="2:00:00", gpus_per_task=1, cpus_per_task=4, mem="16G",
+                           max_parallel=8, extra=("--account=nlp", "--qos=high"))
+    executor = SlurmExecutor(WorkDir(tmp_path), ["/opt/venv/bin/python"], options, job_name="bild-x")
+    script = executor.job_script()
+    for line in ["#SBATCH --partition=gpu", "#SBATCH --time=2:00:00", "#SBATCH --gres=gpu:1",
+                 "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16G", "#SBATCH --account=nlp", "#SBATCH --qos=high",
+                 f"#SBATCH --output={tmp_path}/logs/shard-%5a.slurm-%A.log",
+                 f'exec /opt/venv/bin/python -m jobs.worker {tmp_path} "$SLURM_ARRAY_TASK_ID"']:
+        assert line in script.splitlines(), line
+    assert "CUDA_VISIBLE_DEVICES=" not in script  # GPUs were asked for
+    assert executor.sbatch_command([0, 1, 2, 4])[:3] == ["sbatch", "--parsable", "--array=0-2,4%8"]

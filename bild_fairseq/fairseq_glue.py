@@ -1,14 +1,156 @@
-"""Everything that touches fairseq internals, in one place (see README, "How the plugin hooks in")."""
+"""Everything that touches fairseq internals, in one place (README: "How the plugin hooks in").
+
+fairseq builds ``fairseq-generate``'s options and ``cfg.generation`` from the GenerationConfig
+dataclass, and builds the generator in ``FairseqTask.build_generator``. A ``--user-dir`` plugin
+is imported before either happens, so three small hooks make ``--bild`` work with the ordinary
+``--task translation`` (or any task that uses FairseqTask.build_generator):
+
+1. BildConfig's fields are added to GenerationConfig (their ``help=`` becomes ``--help``), and
+   hydra's config store is refreshed so ``cfg.generation.bild*`` survive namespace conversion;
+2. ``FairseqTask.build_generator`` builds a :class:`BildSequenceGenerator` when ``--bild`` is set
+   (and is untouched otherwise);
+3. ``checkpoint_utils.load_checkpoint_to_cpu`` turns torch's weights-only refusal into a clear
+   :class:`UnsafeCheckpointError`. The allow-list itself is torch's public add_safe_globals.
+"""
 from __future__ import annotations
 
-from bild_fairseq.safe_load import allow_fairseq_checkpoints
+import atexit
+import dataclasses
+import json
+import logging
+import pickle
+import typing
 
+import torch
+
+from bild_fairseq.config import BILD_FIELDS, BildConfig, BildOptionError
+from bild_fairseq.safe_load import allow_fairseq_checkpoints, explain_refusal
+
+logger = logging.getLogger("bild_fairseq")
 _installed = False
 
 
 def install() -> None:
+    """Apply the three hooks (idempotent)."""
     global _installed
     if _installed:
         return
     allow_fairseq_checkpoints()
+    _add_generation_options()
+    _hook_build_generator()
+    _hook_checkpoint_loading()
     _installed = True
+
+
+def _add_generation_options() -> None:
+    from fairseq.dataclass.configs import GenerationConfig
+    from fairseq.dataclass.initialize import hydra_init
+
+    hints = typing.get_type_hints(BildConfig)
+    for name in BILD_FIELDS:
+        if name not in GenerationConfig.__dataclass_fields__:
+            GenerationConfig.__dataclass_fields__[name] = _copy_field(name, hints[name])
+            GenerationConfig.__annotations__[name] = hints[name]
+            setattr(GenerationConfig, name, BildConfig.__dataclass_fields__[name].default)
+    hydra_init()
+
+
+def _copy_field(name: str, type_) -> dataclasses.Field:
+    src = BildConfig.__dataclass_fields__[name]
+    f = dataclasses.field(default=src.default, metadata=src.metadata)
+    f.name, f.type = name, type_
+    f._field_type = dataclasses._FIELD  # a regular field, as @dataclass would mark it
+    return f
+
+
+def bild_options(args) -> dict | None:
+    """The BiLD options of a generation config / namespace, or None without --bild."""
+    if not getattr(args, "bild", False):
+        return None
+    return {name: getattr(args, name, BildConfig.__dataclass_fields__[name].default) for name in BILD_FIELDS}
+
+
+def check_search_options(args) -> None:
+    """Refuse, before any decoding, the search options BiLD's greedy loop does not implement."""
+    refused = {
+        "beam": (lambda v: v != 1, "--beam must be 1"),
+        "nbest": (lambda v: v != 1, "--nbest must be 1"),
+        "sampling": (bool, "--sampling is not supported"),
+        "diverse_beam_groups": (lambda v: v is not None and v > 0, "--diverse-beam-groups is not supported"),
+        "diversity_rate": (lambda v: v is not None and v > -1, "--diversity-rate is not supported"),
+        "match_source_len": (bool, "--match-source-len is not supported"),
+        "no_repeat_ngram_size": (bool, "--no-repeat-ngram-size is not supported"),
+        "constraints": (bool, "--constraints is not supported"),
+        "prefix_size": (bool, "--prefix-size is not supported"),
+        "print_alignment": (bool, "--print-alignment is not supported"),
+        "retain_dropout": (bool, "--retain-dropout is not supported"),
+        "score_reference": (bool, "--score-reference is not supported"),
+        "lm_path": (bool, "--lm-path is not supported"),
+    }
+    problems = [msg for name, (bad, msg) in refused.items() if bad(getattr(args, name, None) or 0)]
+    if getattr(args, "temperature", 1.0) != 1.0:
+        problems.append("--temperature must be 1")
+    if problems:
+        raise BildOptionError("--bild decodes greedily with one big and one small model: " + "; ".join(problems))
+
+
+def load_small_model(path: str | None, task, like: torch.nn.Module) -> torch.nn.Module:
+    """Load the small checkpoint for ``task`` with the big model's dtype and device."""
+    import os
+
+    from fairseq import checkpoint_utils
+
+    if not path:
+        raise BildOptionError("--bild needs --bild-small-path SMALL.pt (the small model's checkpoint)")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise BildOptionError(f"--bild-small-path {path}: no such readable file")
+    models, _ = checkpoint_utils.load_model_ensemble([path], task=task)
+    param = next(like.parameters())
+    return models[0].to(device=param.device, dtype=param.dtype).eval()
+
+
+def _hook_build_generator() -> None:
+    from fairseq.tasks.fairseq_task import FairseqTask
+
+    stock = FairseqTask.build_generator
+
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
+        opts = bild_options(args)
+        if opts is None:
+            return stock(self, models, args, seq_gen_cls, extra_gen_cls_kwargs, **kwargs)
+        from bild_fairseq.generator import BildSequenceGenerator
+
+        check_search_options(args)
+        small = load_small_model(opts["bild_small_path"], self, models[0])
+        generator = stock(self, models, args, BildSequenceGenerator, {
+            **(extra_gen_cls_kwargs or {}), "small_model": small,
+            "fallback_threshold": opts["bild_fallback_threshold"],
+            "rollback_threshold": opts["bild_rollback_threshold"],
+            "max_small_steps": opts["bild_max_small_steps"], "exact": opts["bild_exact"],
+        }, **kwargs)
+        atexit.register(report_stats, generator, opts["bild_stats_json"])
+        return generator
+
+    FairseqTask.build_generator = build_generator
+
+
+def report_stats(generator, json_path: str | None) -> None:
+    """Log a run's statistics at exit (fairseq-generate has no end-of-run hook) and save JSON."""
+    logger.info(generator.stats.summary())
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(generator.stats.to_dict(), f, indent=2)
+
+
+def _hook_checkpoint_loading() -> None:
+    from fairseq import checkpoint_utils
+
+    stock = checkpoint_utils.load_checkpoint_to_cpu
+
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        try:
+            return stock(path, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise explain_refusal(str(path), e) from None
+
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

@@ -1,0 +1,55 @@
+"""BiLD's generation options. The ``help=`` strings are the ``fairseq-generate --help`` text."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from fairseq.dataclass import FairseqDataclass
+
+
+@dataclass
+class BildConfig(FairseqDataclass):
+    bild: bool = field(
+        default=False,
+        metadata={"help": "decode with Big Little Decoder: --path is the big model, --bild-small-path the small one"},
+    )
+    bild_small_path: Optional[str] = field(
+        default=None, metadata={"help": "BiLD: the small model's checkpoint (same target dictionary as --path)"}
+    )
+    bild_fallback_threshold: float = field(
+        default=0.6,
+        metadata={"help": "BiLD: hand over to the big model when the small model's max probability is below this "
+                          "(0: never for confidence, 1: always)"},
+    )
+    bild_rollback_threshold: float = field(
+        default=5.0,
+        metadata={"help": "BiLD: roll back a small-model token when the big model's cross-entropy on it, "
+                          "-log p_big(token), exceeds this (0: any token the big model is not certain of)"},
+    )
+    bild_max_small_steps: int = field(
+        default=10, metadata={"help": "BiLD: hand over to the big model after this many consecutive small-model tokens"}
+    )
+    bild_exact: bool = field(
+        default=False,
+        metadata={"help": "BiLD: roll back on any disagreement with the big model's argmax; output then equals "
+                          "the big model's greedy decoding"},
+    )
+    bild_stats_json: Optional[str] = field(
+        default=None, metadata={"help": "BiLD: write the run's decoding statistics to this JSON file at exit"}
+    )
+
+
+BILD_FIELDS = tuple(f.name for f in fields(BildConfig))
+
+
+class BildOptionError(ValueError):
+    """Invalid or unsupported combination of --bild options."""
+
+
+def check_thresholds(fallback_threshold: float, rollback_threshold: float, max_small_steps: int) -> None:
+    if not 0.0 <= fallback_threshold <= 1.0:
+        raise BildOptionError(f"--bild-fallback-threshold must be in [0, 1] (a probability), got {fallback_threshold}")
+    if rollback_threshold < 0:
+        raise BildOptionError(f"--bild-rollback-threshold must be >= 0 (a cross-entropy in nats), got {rollback_threshold}")
+    if max_small_steps < 1:
+        raise BildOptionError(f"--bild-max-small-steps must be >= 1, got {max_small_steps}")

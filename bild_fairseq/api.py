@@ -1,0 +1,154 @@
+"""Decode raw text with a pair directory in a few lines (what the batch runner and demo use).
+
+    from bild_fairseq.api import PairTranslator
+    t = PairTranslator.from_pair_dir("data/pairs/deen")          # BiLD, pair.json's thresholds
+    print(t.translate(["Klicken Sie auf OK."]).hypotheses)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+import bild_fairseq  # noqa: F401  (installs the checkpoint allow-list and options)
+from bild_fairseq.config import BildOptionError
+from bild_fairseq.pairdir import PairSpec
+from bild_fairseq.stats import BildStats
+
+MODES = ("bild", "big", "small")
+
+
+@dataclass(frozen=True)
+class LineIssue:
+    index: int
+    kind: str  # "empty" | "truncated"
+    detail: str
+
+
+@dataclass
+class TranslationOutput:
+    hypotheses: list[str]
+    issues: list[LineIssue] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class PairTranslator:
+    spec: PairSpec
+    task: object
+    generator: object
+    max_source_tokens: int  # the models' source position limit, EOS included
+    settings: dict
+    device: str
+
+    @classmethod
+    def from_pair_dir(cls, pair_dir: str | Path, mode: str = "bild", small_checkpoint: str | None = None,
+                      exact: bool = False, fallback_threshold: float | None = None,
+                      rollback_threshold: float | None = None, max_small_steps: int | None = None,
+                      beam: int = 1, device: str = "cpu", fp16: bool = False,
+                      max_len_a: float | None = None, max_len_b: int | None = None) -> "PairTranslator":
+        """Load a pair directory. ``mode`` "big"/"small" decode with one model (baselines)."""
+        from fairseq import checkpoint_utils
+        from fairseq.sequence_generator import SequenceGenerator
+        from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+        from bild_fairseq.generator import BildSequenceGenerator
+
+        if mode not in MODES:
+            raise BildOptionError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "bild" and beam != 1:
+            raise BildOptionError(f"BiLD decodes greedily: beam must be 1 (got {beam})")
+        spec = PairSpec.load(pair_dir)
+        small_name = small_checkpoint or "small"
+        paths = {"bild": ["big", small_name], "big": ["big"], "small": [small_name]}[mode]
+        files = [spec.model_path(p) for p in paths]  # clear error on a missing model file
+        task = TranslationTask.setup_task(TranslationConfig(data=str(spec.directory), source_lang=spec.source_lang,
+                                                            target_lang=spec.target_lang))
+        models = []
+        for path in files:
+            (model,), _ = checkpoint_utils.load_model_ensemble([str(path)], task=task)
+            model = model.half() if fp16 else model
+            models.append(model.to(device).eval())
+        bild = {**spec.bild, **{k: v for k, v in {
+            "fallback_threshold": fallback_threshold, "rollback_threshold": rollback_threshold,
+            "max_small_steps": max_small_steps}.items() if v is not None}}
+        gen = {"max_len_a": spec.generation.get("max_len_a", 0), "max_len_b": spec.generation.get("max_len_b", 200)}
+        gen.update({k: v for k, v in {"max_len_a": max_len_a, "max_len_b": max_len_b}.items() if v is not None})
+        settings = {"pair": str(Path(pair_dir).resolve()), "mode": mode, "models": [p.name for p in files],
+                    "beam": beam, "fp16": fp16, **gen}
+        if mode == "bild":
+            settings.update(exact=exact, **bild)
+            generator = BildSequenceGenerator(models[:1], task.target_dictionary, small_model=models[1],
+                                              exact=exact, beam_size=1, **bild, **gen)
+        elif beam == 1:  # the project's own greedy loop: the big-only baseline of BiLD
+            generator = BildSequenceGenerator(models, task.target_dictionary, beam_size=1, **gen)
+        else:
+            generator = SequenceGenerator(models, task.target_dictionary, beam_size=beam, **gen)
+        max_src = min(m.max_positions()[0] for m in models)
+        return cls(spec, task, generator, max_src, settings, device)
+
+    def config_dict(self) -> dict:
+        """Every decoding setting in effect (the batch runner hashes it)."""
+        return dict(self.settings)
+
+    def translate(self, lines: Sequence[str], max_tokens: int = 4096, max_sentences: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> TranslationOutput:
+        """Raw lines in, detokenized hypotheses out, line-aligned; problems reported per line."""
+        pipeline = self.spec.text_pipeline()
+        src_dict = self.task.source_dictionary
+        hyps = [""] * len(lines)
+        issues: list[LineIssue] = []
+        encoded: list[tuple[int, torch.Tensor]] = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                issues.append(LineIssue(i, "empty", "empty input line: empty output"))
+                if progress:
+                    progress(1)
+                continue
+            ids = src_dict.encode_line(pipeline.encode(line), add_if_not_exist=False, append_eos=True).long()
+            if ids.numel() > self.max_source_tokens:
+                issues.append(LineIssue(i, "truncated", f"{ids.numel()} source tokens truncated to the models' "
+                                                        f"limit of {self.max_source_tokens}"))
+                ids = torch.cat([ids[: self.max_source_tokens - 1], ids[-1:]])
+            encoded.append((i, ids))
+        stats_before = BildStats(**vars(self.generator.stats)) if hasattr(self.generator, "stats") else None
+        for batch in _length_batches(encoded, max_tokens, max_sentences):
+            for (index, _), hypo in zip(batch, self._generate([ids for _, ids in batch])):
+                hyps[index] = pipeline.decode(self.task.target_dictionary.string(hypo["tokens"].int().cpu()))
+            if progress:
+                progress(len(batch))
+        return TranslationOutput(hyps, sorted(issues, key=lambda x: x.index), self._stats_since(stats_before))
+
+    def _generate(self, sources: list[torch.Tensor]) -> list[dict]:
+        from fairseq.data import data_utils
+
+        d = self.task.source_dictionary
+        src = data_utils.collate_tokens(sources, d.pad(), d.eos(), left_pad=True).to(self.device)
+        lengths = torch.tensor([s.numel() for s in sources], device=self.device)
+        sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
+        with torch.no_grad():
+            return [h[0] for h in self.generator.generate(self.generator.model.models, sample)]
+
+    def _stats_since(self, before: BildStats | None) -> dict:
+        if before is None:  # stock beam search: no BiLD counters
+            return {}
+        now = BildStats(**vars(self.generator.stats))
+        delta = BildStats(**{k: v - getattr(before, k) for k, v in vars(now).items()})
+        return delta.to_dict()
+
+
+def _length_batches(items: list[tuple[int, torch.Tensor]], max_tokens: int, max_sentences: int | None):
+    """Sort by source length (longest first) and cut into batches of at most ``max_tokens``
+    padded tokens; the caller restores input order from the indices."""
+    items = sorted(items, key=lambda x: -x[1].numel())
+    batch: list = []
+    for item in items:
+        width = max([item[1].numel()] + [b[1].numel() for b in batch[:1]])
+        if batch and (width * (len(batch) + 1) > max_tokens or (max_sentences and len(batch) >= max_sentences)):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch

@@ -1,0 +1,177 @@
+"""The local executor end to end: real corpus lines, a real (tiny, random) pair, real worker
+processes started by the ``bild-jobs`` console script."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from jobs.cli import main
+from jobs.workdir import WorkDir
+from jobs_fixtures import BILD_JOBS, bild_jobs, read_output, translate_in_process
+
+pytest_plugins = ["jobs_fixtures"]
+
+
+def test_three_cpu_workers_reproduce_a_single_process_run(tiny_pair, corpus, reference_output, tmp_path):
+    src, ref = corpus
+    out = tmp_path / "out.en"
+    done = bild_jobs("run", src, "--pair", tiny_pair, "-o", out, "--workers", "3", "--shards", "3",
+                     "--device", "cpu", "--ref", ref)
+    assert done.returncode == 0, done.stderr
+    assert read_output(out) == reference_output
+
+    m = json.loads((tmp_path / "out.en.work" / "manifest.json").read_text())
+    assert [(s["start"], s["stop"], s["status"], s["attempt"]) for s in m["shards"]] == \
+        [(0, 100, "done", 1), (100, 200, "done", 1), (200, 300, "done", 1)]
+    assert m["executor"] == {"name": "local", "workers": 3}
+    totals = m["totals"]
+    assert totals["lines"] == totals["lines_done"] == 300
+    assert totals["stats"]["sentences"] == 300 == sum(s["stats"]["sentences"] for s in m["shards"])
+    assert totals["stats"]["tokens"] == totals["stats"]["big_tokens"] + totals["stats"]["small_tokens"] > 0
+    assert totals["wall_seconds"] > 0 and totals["lines_per_second"] > 0
+    assert {s["name"] for s in m["scores"]} == {"BLEU", "chrF"}
+    assert all("version:" in s["signature"] for s in m["scores"])
+    assert "BLEU = " in done.stdout and "nrefs:1" in done.stdout
+    assert len({json.dumps(u) for u in m["decoding"]["used"]}) == 1
+
+    # the same command again: everything is done, nothing is recomputed
+    mtimes = [p.stat().st_mtime_ns for p in sorted((tmp_path / "out.en.work" / "shards").glob("*.out"))]
+    again = bild_jobs("run", src, "--pair", tiny_pair, "-o", out, "--workers", "3", "--shards", "3",
+                      "--device", "cpu")
+    assert again.returncode == 0, again.stderr
+    assert "3 done, 0 to run" in again.stderr
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "out.en.work" / "shards").glob("*.out"))] == mtimes
+    assert read_output(out) == reference_output
+
+
+def _wait_for_worker_mid_shard(wd: WorkDir, shards: range, driver: subprocess.Popen, timeout: float = 120) -> int:
+    """The shard whose worker has decoded some but not all lines; returns its index."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, driver.communicate()
+        for i in shards:
+            record = wd.read_record(i)
+            if record and record.status == "running" and 0 < wd.lines_in_progress(i) < record.lines:
+                return i
+        time.sleep(0.02)
+    raise AssertionError("no worker was seen mid-shard")
+
+
+def test_kill9_worker_mid_shard_then_rerun_redoes_only_that_shard(tiny_pair, corpus, reference_output, tmp_path):
+    src, _ = corpus
+    out, wd = tmp_path / "out.en", WorkDir(tmp_path / "work")
+    # small batches: progress is reported long before a shard ends
+    cmd = [str(BILD_JOBS), "run", str(src), "--pair", str(tiny_pair), "-o", str(out), "-w", str(wd.root),
+           "--workers", "2", "--shards", "3", "--device", "cpu", "--max-tokens", "150", "--retries", "0"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = _wait_for_worker_mid_shard(wd, range(3), driver)
+    os.kill(wd.read_record(victim).pid, signal.SIGKILL)
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 1
+    assert f"shard {victim} " in stderr and "killed by SIGKILL" in stderr and str(wd.local_log(victim, 1)) in stderr
+    assert not out.exists()  # no partial output
+    assert not wd.output(victim).exists()
+    killed = wd.read_record(victim)
+    assert killed.status == "failed" and "SIGKILL" in killed.error
+
+    others = [i for i in range(3) if i != victim]
+    before = {i: (wd.output(i).stat().st_mtime_ns, wd.read_record(i).attempt) for i in others}
+    assert all(wd.is_done(i, killed.config_hash) for i in others)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "2 done, 1 to run" in rerun.stderr
+    assert {i: (wd.output(i).stat().st_mtime_ns, wd.read_record(i).attempt) for i in others} == before
+    assert wd.read_record(victim).attempt == 2
+    assert read_output(out) == reference_output  # complete, nothing duplicated or reordered
+    assert not list(wd.shards.glob(".*.tmp"))
+
+
+def test_bad_input_lines_are_counted_reported_and_never_dropped(tiny_pair, tmp_path):
+    long_line = " ".join(["Hilfe"] * 5000).encode()
+    lines = [b"Klicken Sie auf OK.", b"", b"   ", long_line, b"Ung\xfcltig: \xff\xfe Bytes", b"Windows-Zeile\r",
+             b"Die letzte Zeile ohne Zeilenende"]
+    src = tmp_path / "bad.de"
+    src.write_bytes(b"\n".join(lines))
+    out = tmp_path / "bad.en"
+    done = bild_jobs("run", src, "--pair", tiny_pair, "-o", out, "--shards", "50", "--workers", "2",
+                     "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    assert "50 shards requested for 7 input lines: using 7" in done.stderr
+
+    hyps = read_output(out)
+    assert len(hyps) == len(lines)
+    assert hyps[1] == hyps[2] == ""
+    texts = [line.decode("utf-8", errors="replace").rstrip("\r") for line in lines]
+    assert hyps == translate_in_process(tiny_pair, texts)
+
+    m = json.loads((tmp_path / "bad.en.work" / "manifest.json").read_text())
+    assert m["totals"]["issues"] == {"empty": 2, "truncated": 1, "invalid_utf8": 1}
+    assert m["totals"]["shards"] == {"done": 7}
+    issues = (tmp_path / "bad.en.work" / "issues.tsv").read_text().splitlines()
+    assert issues[0] == "line\tkind\tdetail"
+    assert [row.split("\t")[:2] for row in issues[1:]] == [["2", "empty"], ["3", "empty"], ["4", "truncated"],
+                                                          ["5", "invalid_utf8"]]
+    assert "2 empty" in done.stdout and "1 invalid_utf8" in done.stdout and "1 truncated" in done.stdout
+
+
+def test_missing_model_file_is_a_clear_error_before_any_work(tiny_pair, corpus, tmp_path):
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny_pair, pair)
+    (pair / "small.pt").unlink()
+    result = CliRunner().invoke(main, ["run", str(corpus[0]), "--pair", str(pair), "-o", str(tmp_path / "o.en"),
+                                       "--device", "cpu"])
+    assert result.exit_code == 1
+    assert f"pair directory {pair}: missing small.pt" in result.output
+    assert not (tmp_path / "o.en.work" / "config.json").exists()
+    result = CliRunner().invoke(main, ["run", str(corpus[0]), "--pair", str(pair), "-o", str(tmp_path / "o.en"),
+                                       "--small-only", "--small-checkpoint", "small-aligned.pt", "--device", "cpu"])
+    assert result.exit_code == 1 and "missing small-aligned.pt" in result.output
+
+
+def test_changed_config_is_refused_unless_fresh(tiny_pair, tmp_path):
+    src = tmp_path / "in.de"
+    src.write_text("Klicken Sie auf OK.\nÖffnen Sie das Menü.\n")
+    out = tmp_path / "o.en"
+    args = ["run", str(src), "--pair", str(tiny_pair), "-o", str(out), "--workers", "1", "--device", "cpu"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    old_hash = json.loads((tmp_path / "o.en.work" / "config.json").read_text())["hash"]
+
+    changed = CliRunner().invoke(main, [*args, "--fallback-threshold", "0.3"])
+    assert changed.exit_code == 1
+    assert "decoding.fallback_threshold: None -> 0.3" in changed.output and "--fresh" in changed.output
+    assert json.loads((tmp_path / "o.en.work" / "config.json").read_text())["hash"] == old_hash
+
+    # batch size and worker count are not part of the hash: resume as is
+    same = CliRunner().invoke(main, [*args, "--max-tokens", "64"])
+    assert same.exit_code == 0 and "1 done, 0 to run" in same.output
+
+    fresh = CliRunner().invoke(main, [*args, "--fallback-threshold", "0.3", "--fresh"])
+    assert fresh.exit_code == 0, fresh.output
+    cfg = json.loads((tmp_path / "o.en.work" / "config.json").read_text())
+    assert cfg["hash"] != old_hash and cfg["decoding"]["fallback_threshold"] == 0.3
+    assert WorkDir(tmp_path / "o.en.work").read_record(0).attempt == 1
+    assert len(read_output(out)) == 2
+
+
+def test_summarization_is_scored_with_rouge(tiny_summ_pair, tmp_path):
+    from jobs_fixtures import real_lines, ROOT
+
+    docs = real_lines(ROOT / "data" / "corpora" / "debdesc.test.src.xz", 12)
+    refs = real_lines(ROOT / "data" / "corpora" / "debdesc.test.tgt.xz", 12)
+    src, ref = tmp_path / "docs.txt", tmp_path / "ref.txt"
+    src.write_bytes(b"\n".join(docs) + b"\n")
+    ref.write_bytes(b"\n".join(refs) + b"\n")
+    result = CliRunner().invoke(main, ["run", str(src), "--pair", str(tiny_summ_pair), "-o", str(tmp_path / "s.txt"),
+                                       "--workers", "1", "--device", "cpu", "--ref", str(ref)])
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "s.txt.work" / "manifest.json").read_text())
+    assert [s["name"] for s in m["scores"]] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
+    assert m["task"] == "summarization" and len(read_output(tmp_path / "s.txt")) == 12

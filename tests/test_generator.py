@@ -1,0 +1,165 @@
+"""BiLD decoding on tiny random pairs: exact == big greedy, lossy edge cases, batching, statistics."""
+import lzma
+
+import pytest
+import torch
+from fairseq.data import data_utils
+from fairseq.sequence_generator import SequenceGenerator
+
+from bild_fairseq.api import PairTranslator
+from bild_fairseq.config import BildOptionError
+from bild_fairseq.generator import BildSequenceGenerator
+from tiny import ROOT, make_tiny_pair
+
+MAX_LEN_B = 40
+
+
+def raw_lines(name, n):
+    with lzma.open(ROOT / "data" / "corpora" / name, "rt", encoding="utf-8") as f:
+        return [next(f).strip() for _ in range(n)]
+
+
+def encode(t: PairTranslator, lines):
+    pipe = t.spec.text_pipeline()
+    out = []
+    for line in lines:
+        ids = t.task.source_dictionary.encode_line(pipe.encode(line), add_if_not_exist=False).long()
+        out.append(ids[-t.max_source_tokens:])
+    return out
+
+
+def decode_all(generator, sources, batch_size):
+    d_pad, d_eos = 1, 2
+    hyps = []
+    for i in range(0, len(sources), batch_size):
+        chunk = sources[i:i + batch_size]
+        sample = {"net_input": {"src_tokens": data_utils.collate_tokens(chunk, d_pad, d_eos, left_pad=True),
+                                "src_lengths": torch.tensor([s.numel() for s in chunk])}}
+        with torch.no_grad():
+            hyps += [h[0]["tokens"].tolist() for h in generator.generate(generator.model.models, sample)]
+    return hyps
+
+
+def bild(t_big, small, **kw):
+    return BildSequenceGenerator([t_big.generator.model.single_model], t_big.task.target_dictionary,
+                                 small_model=small, beam_size=1, max_len_b=MAX_LEN_B, **kw)
+
+
+def stock_greedy(model, tgt_dict):
+    return SequenceGenerator([model], tgt_dict, beam_size=1, max_len_b=MAX_LEN_B)
+
+
+@pytest.fixture(scope="module")
+def pairs(deen_slice, summ_slice, tmp_path_factory):
+    """Three random de-en pairs and one summarization pair (long sources)."""
+    out = []
+    for seed in (0, 1, 2):
+        d = make_tiny_pair(deen_slice, tmp_path_factory.mktemp(f"pair{seed}"), seed=seed)
+        out.append((d, raw_lines("lohelp.de-en.test.de.xz", 20)))
+    d = make_tiny_pair(summ_slice, tmp_path_factory.mktemp("summ"), task="summarization", seed=7,
+                       max_source_tokens=80)
+    out.append((d, raw_lines("debdesc.test.src.xz", 20)))
+    return out
+
+
+def load(pair_dir):
+    big = PairTranslator.from_pair_dir(pair_dir, mode="big")
+    small = PairTranslator.from_pair_dir(pair_dir, mode="small").generator.model.single_model
+    return big, small
+
+
+SETTINGS = [dict(fallback_threshold=0.0, max_small_steps=3), dict(fallback_threshold=0.0, max_small_steps=10),
+            dict(fallback_threshold=0.6, max_small_steps=10), dict(fallback_threshold=0.05, max_small_steps=5)]
+
+
+@pytest.mark.parametrize("pair_index", [0, 1, 2, 3])
+def test_exact_mode_equals_stock_fairseq_greedy(pairs, pair_index):
+    pair_dir, lines = pairs[pair_index]
+    big, small = load(pair_dir)
+    sources = encode(big, lines)
+    reference = decode_all(stock_greedy(big.generator.model.single_model, big.task.target_dictionary), sources, 1)
+    for settings in SETTINGS:
+        for batch_size in (1, 3, 16):
+            gen = bild(big, small, exact=True, rollback_threshold=5.0, **settings)
+            assert decode_all(gen, sources, batch_size) == reference, (settings, batch_size)
+            assert gen.stats.small_tokens > 0 or settings["fallback_threshold"] > 0
+
+
+def test_lossy_edge_thresholds_reduce_to_one_model(pairs):
+    pair_dir, lines = pairs[0]
+    big, small = load(pair_dir)
+    sources = encode(big, lines)
+    tgt = big.task.target_dictionary
+    small_only = decode_all(stock_greedy(small, tgt), sources, 1)
+    big_only = decode_all(stock_greedy(big.generator.model.single_model, tgt), sources, 1)
+    never_fall_back = bild(big, small, fallback_threshold=0.0, rollback_threshold=1e9, max_small_steps=10_000)
+    assert decode_all(never_fall_back, sources, 4) == small_only
+    assert never_fall_back.stats.rollbacks == 0
+    always_fall_back = bild(big, small, fallback_threshold=1.0, rollback_threshold=5.0)
+    assert decode_all(always_fall_back, sources, 4) == big_only
+    assert always_fall_back.stats.small_tokens == 0
+    every_rollback = bild(big, small, fallback_threshold=0.0, rollback_threshold=0.0, max_small_steps=4)
+    assert decode_all(every_rollback, sources, 4) == big_only
+
+
+@pytest.mark.parametrize("settings", [dict(fallback_threshold=0.0, rollback_threshold=2.0, max_small_steps=4),
+                                      dict(fallback_threshold=0.0, rollback_threshold=4.0, max_small_steps=10)])
+def test_lossy_output_does_not_depend_on_batch(pairs, settings):
+    pair_dir, lines = pairs[3]
+    big, small = load(pair_dir)
+    sources = encode(big, lines)
+    one = decode_all(bild(big, small, **settings), sources, 1)
+    for batch_size in (3, 16):
+        assert decode_all(bild(big, small, **settings), sources, batch_size) == one
+
+
+def test_statistics_add_up(pairs):
+    pair_dir, lines = pairs[1]
+    big, small = load(pair_dir)
+    sources = encode(big, lines)
+    gen = bild(big, small, fallback_threshold=0.0, rollback_threshold=3.0, max_small_steps=4)
+    hyps = decode_all(gen, sources, 5)
+    st = gen.stats
+    assert st.sentences == len(lines)
+    assert st.tokens == sum(len(h) for h in hyps) == st.small_tokens + st.big_tokens
+    assert st.rollbacks > 0 and st.small_tokens > 0 and st.big_tokens > 0
+    # every big pass appends exactly one big token, except a pass that verifies a small EOS
+    assert st.big_tokens <= st.big_calls <= st.big_tokens + st.eos_checks
+    # with fallback threshold 0, only max-small-steps makes the small model hand over
+    assert st.fallbacks <= st.small_steps // 4 + len(lines)
+    d = st.to_dict()
+    assert d["big_token_share"] == pytest.approx(st.big_tokens / st.tokens)
+    assert d["tokens_per_big_call"] == pytest.approx(st.tokens / st.big_calls)
+
+
+def test_hypothesis_scores_are_the_big_models(pairs):
+    pair_dir, lines = pairs[0]
+    big, small = load(pair_dir)
+    sources = encode(big, lines[:4])
+    gen = bild(big, small, fallback_threshold=0.0, rollback_threshold=3.0, max_small_steps=4)
+    model = big.generator.model.single_model
+    sample = {"net_input": {"src_tokens": data_utils.collate_tokens(sources, 1, 2, left_pad=True),
+                            "src_lengths": torch.tensor([s.numel() for s in sources])}}
+    with torch.no_grad():
+        hypos = gen.generate([model], sample)
+        for b, (h,) in enumerate(hypos):
+            prev = torch.cat([torch.tensor([2]), h["tokens"][:-1]]).unsqueeze(0)
+            enc = model.encoder(sources[b].unsqueeze(0), src_lengths=torch.tensor([sources[b].numel()]))
+            lp = model.get_normalized_probs(model.decoder(prev, encoder_out=enc), log_probs=True)[0]
+            expected = lp.gather(1, h["tokens"].unsqueeze(1)).squeeze(1)
+            assert torch.allclose(h["positional_scores"], expected, atol=1e-4)
+            assert h["score"] == pytest.approx(float(expected.sum() / len(expected)), abs=1e-4)
+
+
+def test_unsupported_options_are_refused_early(pairs):
+    pair_dir, _ = pairs[0]
+    big, small = load(pair_dir)
+    model, tgt = big.generator.model.single_model, big.task.target_dictionary
+    with pytest.raises(BildOptionError, match="--beam 1"):
+        BildSequenceGenerator([model], tgt, small_model=small, beam_size=4)
+    with pytest.raises(BildOptionError, match=r"\[0, 1\]"):
+        BildSequenceGenerator([model], tgt, small_model=small, fallback_threshold=1.5)
+    with pytest.raises(BildOptionError, match=">= 0"):
+        BildSequenceGenerator([model], tgt, small_model=small, rollback_threshold=-1)
+    with pytest.raises(BildOptionError, match="ensemble"):
+        BildSequenceGenerator([model, model], tgt, small_model=small)

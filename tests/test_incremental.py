@@ -1,0 +1,86 @@
+"""Multi-token cached decoding equals fairseq's own full (teacher-forced) decoder forward."""
+import pytest
+import torch
+
+from bild_fairseq.incremental import IncrementalDecoder, UnsupportedDecoderError
+
+TOL = 1e-4
+
+
+def _load(pair, name):
+    from fairseq import checkpoint_utils
+
+    from bild_fairseq.api import PairTranslator
+
+    t = PairTranslator.from_pair_dir(pair, mode="big")
+    (model,), _ = checkpoint_utils.load_model_ensemble([str(pair / name)], task=t.task)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["big.pt", "small.pt"])
+def model_and_batch(request, tiny_pair):
+    model = _load(tiny_pair, request.param)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 200, (3, 9), generator=g)
+    src[0, :3] = 1  # left padding, as fairseq batches sources
+    prev = torch.randint(4, 200, (3, 11), generator=g)
+    prev[:, 0] = 2
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=(src != 1).sum(1))
+        full = model.get_normalized_probs(model.decoder(prev, encoder_out=enc), log_probs=True)
+    return model, enc, prev, full
+
+
+def test_k_tokens_at_once_equal_one_by_one_and_full_forward(model_and_batch):
+    model, enc, prev, full = model_and_batch
+    dec = IncrementalDecoder(model.decoder)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        cache = dec.start(enc, 32)
+        at_once = dec.forward(cache, rows, prev, torch.full((3,), prev.size(1)))
+        cache = dec.start(enc, 32)
+        steps = [dec.forward(cache, rows, prev[:, t:t + 1], torch.ones(3, dtype=torch.long)) for t in range(prev.size(1))]
+        cache = dec.start(enc, 32)  # mixed chunk sizes: 1, 4, 6
+        chunks = [dec.forward(cache, rows, prev[:, a:b], torch.full((3,), b - a)) for a, b in ((0, 1), (1, 5), (5, 11))]
+    assert (at_once - full).abs().max() < TOL
+    assert (torch.cat(steps, 1) - full).abs().max() < TOL
+    assert (torch.cat(chunks, 1) - full).abs().max() < TOL
+    assert cache.length.tolist() == [11, 11, 11]
+
+
+def test_truncate_then_refeed_equals_never_having_fed(model_and_batch):
+    model, enc, prev, full = model_and_batch
+    dec = IncrementalDecoder(model.decoder)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        cache = dec.start(enc, 32)
+        dec.forward(cache, rows, prev[:, :6], torch.full((3,), 6))
+        dec.forward(cache, rows, torch.randint(4, 200, (3, 4)), torch.full((3,), 4))  # rejected tokens
+        cache.truncate(rows, torch.tensor([6, 3, 6]))
+        # ragged refeed on a subset of rows, in a different order, right-padded
+        tokens = torch.stack([prev[2, 6:11], prev[1, 3:8]])
+        out = dec.forward(cache, torch.tensor([2, 1]), tokens, torch.tensor([5, 5]))
+    assert (out[0] - full[2, 6:11]).abs().max() < TOL
+    assert (out[1] - full[1, 3:8]).abs().max() < TOL
+    assert cache.length.tolist() == [6, 8, 11]
+
+
+def test_ragged_rows_with_padding_match(model_and_batch):
+    model, enc, prev, full = model_and_batch
+    dec = IncrementalDecoder(model.decoder)
+    with torch.no_grad():
+        cache = dec.start(enc, 32)
+        out = dec.forward(cache, torch.arange(3), prev[:, :5], torch.tensor([5, 2, 3]))
+    assert (out[0] - full[0, :5]).abs().max() < TOL
+    assert (out[1, :2] - full[1, :2]).abs().max() < TOL
+    assert (out[2, :3] - full[2, :3]).abs().max() < TOL
+    assert cache.length.tolist() == [5, 2, 3]
+
+
+def test_unsupported_decoder_is_refused_by_name(tiny_pair):
+    model = _load(tiny_pair, "big.pt")
+    model.decoder.cross_self_attention = True
+    with pytest.raises(UnsupportedDecoderError, match="cross_self_attention"):
+        IncrementalDecoder(model.decoder)
+    with pytest.raises(UnsupportedDecoderError, match="TransformerDecoder"):
+        IncrementalDecoder(torch.nn.Linear(2, 2))

@@ -31,7 +31,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 def explain_refusal(path: str, err: pickle.UnpicklingError) -> UnsafeCheckpointError:
     detail = str(err).split("\n")
-    offending = next((line.strip() for line in detail if "Unsupported global" in line), detail[0])
+    offending = next((line.strip() for line in detail if "global" in line.lower()), detail[-1].strip())
     return UnsafeCheckpointError(
         f"refusing to load checkpoint {path!r}: it contains a pickled object that fairseq checkpoints "
         f"never contain ({offending}). Nothing in it was executed. If you produced this file yourself, "

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+PLUGIN_DIR = str(ROOT / "bild_fairseq")  # what users pass to --user-dir
 sys.path.insert(0, str(ROOT))
 
 from bild_fairseq.checkpoints import inference_state  # noqa: E402

@@ -1,0 +1,78 @@
+"""The stock fairseq-generate / fairseq-interactive binaries with --user-dir bild_fairseq --bild."""
+import json
+import subprocess
+
+import pytest
+
+from tiny import PLUGIN_DIR, make_tiny_pair
+
+
+def run(cmd, stdin=None):
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True)
+
+
+def hypotheses(stdout):
+    """{sentence id: (tokens, positional scores)} from fairseq's H-/P- lines."""
+    hyps, pos = {}, {}
+    for line in stdout.splitlines():
+        if line.startswith(("H-", "P-")):
+            tag, rest = line.split("\t", 1)
+            (hyps if tag[0] == "H" else pos)[int(tag[2:])] = rest.split("\t")[-1]
+    return {k: (hyps[k], pos[k]) for k in hyps}
+
+
+@pytest.fixture(scope="module")
+def generate(deen_slice, tiny_pair):
+    base = ["fairseq-generate", str(deen_slice / "bin"), "--user-dir", PLUGIN_DIR, "--path",
+            str(tiny_pair / "big.pt"), "--gen-subset", "valid", "--max-len-b", "25", "--beam", "1"]
+    return lambda *extra: run(base + list(extra))
+
+
+def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, tiny_pair, tmp_path):
+    stock = generate("--batch-size", "16")
+    assert stock.returncode == 0, stock.stderr
+    stats = tmp_path / "stats.json"
+    bild = generate("--batch-size", "16", "--bild", "--bild-small-path", str(tiny_pair / "small.pt"), "--bild-exact",
+                    "--bild-fallback-threshold", "0", "--bild-max-small-steps", "4", "--bild-stats-json", str(stats))
+    assert bild.returncode == 0, bild.stderr
+    ref, got = hypotheses(stock.stdout), hypotheses(bild.stdout)
+    assert len(ref) > 100 and set(ref) == set(got)
+    for k in ref:
+        assert got[k][0] == ref[k][0]
+        assert [float(x) for x in got[k][1].split()] == pytest.approx([float(x) for x in ref[k][1].split()], abs=1e-3)
+    report = json.loads(stats.read_text())
+    assert report["sentences"] == len(ref) and report["rollbacks"] > 0 and report["small_tokens"] > 0
+    assert "BiLD: " in bild.stderr and "rollbacks" in bild.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--beam", "4"], "--beam must be 1"),
+    (["--sampling"], "--sampling is not supported"),
+    (["--bild-fallback-threshold", "1.5"], "must be in [0, 1]"),
+    (["--bild-small-path", "/nonexistent/small.pt"], "no such readable file"),
+])
+def test_generate_refuses_bad_options_before_decoding(generate, tiny_pair, extra, message):
+    args = ["--bild", "--bild-small-path", str(tiny_pair / "small.pt"), *extra]
+    proc = generate(*args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "H-" not in proc.stdout
+
+
+def test_generate_refuses_small_model_with_other_dictionary(generate, summ_slice, tmp_path):
+    other = make_tiny_pair(summ_slice, tmp_path / "other", task="summarization")
+    proc = generate("--bild", "--bild-small-path", str(other / "small.pt"))
+    assert proc.returncode != 0
+    assert "same (joined) dictionary" in proc.stderr or "size mismatch" in proc.stderr
+
+
+def test_interactive_with_bild(deen_slice, tiny_pair):
+    lines = "Klicken Sie auf OK .\nDie Symbol@@ leiste wird geöffnet .\n"
+    base = ["fairseq-interactive", str(deen_slice / "bin"), "--user-dir", PLUGIN_DIR, "--path",
+            str(tiny_pair / "big.pt"), "--source-lang", "de", "--target-lang", "en", "--beam", "1",
+            "--max-len-b", "20"]
+    stock = run(base, lines)
+    bild = run(base + ["--bild", "--bild-small-path", str(tiny_pair / "small.pt"), "--bild-exact"], lines)
+    assert stock.returncode == 0 and bild.returncode == 0, bild.stderr
+    assert len(hypotheses(stock.stdout)) == 2
+    assert {k: v[0] for k, v in hypotheses(bild.stdout).items()} == {k: v[0] for k, v in hypotheses(stock.stdout).items()}

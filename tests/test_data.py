@@ -1,0 +1,84 @@
+"""Data preparation, text round trips and scoring helpers on the real shipped corpora."""
+import lzma
+import subprocess
+
+import pytest
+
+from bild_fairseq.scoring import bleu, chrf, rouge, score_task
+from bild_fairseq.text import TextPipeline
+from tiny import ROOT
+
+
+def corpus_lines(name, n=200):
+    with lzma.open(ROOT / "data" / "corpora" / name, "rt", encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+def test_prepare_slice_binarizes_with_one_joined_dictionary(deen_slice):
+    bin_dir = deen_slice / "bin"
+    src_dict, tgt_dict = (bin_dir / "dict.de.txt").read_text(), (bin_dir / "dict.en.txt").read_text()
+    assert src_dict == tgt_dict and len(src_dict.splitlines()) > 500
+    for split in ("train", "valid", "test"):
+        for lang in ("de", "en"):
+            assert (bin_dir / f"{split}.de-en.{lang}.bin").stat().st_size > 0
+    assert len((deen_slice / "bpe" / "train.de").read_text().splitlines()) == 300
+    assert "@@ " in (deen_slice / "bpe" / "train.de").read_text()
+
+
+def test_summarization_split_is_by_contiguous_blocks():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "data"))
+    from split_debdesc import split_of
+
+    splits = [split_of(i) for i in range(52319)]
+    assert splits.count("test") == 1100 and splits.count("valid") == 1000
+    # test lines come in runs of 100 consecutive lines
+    starts = [i for i in range(1, len(splits)) if splits[i] == "test" and splits[i - 1] != "test"]
+    assert all(splits[s:s + 100] == ["test"] * 100 for s in starts)
+    assert len(corpus_lines("debdesc.test.src.xz", 1100)) == 1100
+
+
+def test_bpe_and_tokenization_round_trip(deen_slice):
+    pipe = TextPipeline("de", "en", deen_slice / "bpe.codes")
+    lines = corpus_lines("lohelp.de-en.valid.en.xz")
+    for line in lines:
+        tokenized = pipe.tokenize(line, target=True)
+        bpe = pipe.apply_bpe(tokenized)
+        assert pipe.decode(bpe) == pipe._detok.detokenize(tokenized.split())  # BPE removal is exact
+    exact = sum(pipe.decode(pipe.encode(line, target=True)) == line.strip() for line in lines)
+    assert exact / len(lines) > 0.9  # Moses detokenization inverts tokenization on most real text (94.5% here)
+
+
+def test_source_truncation_is_applied_before_bpe():
+    pipe = TextPipeline("en", "en", None, max_source_tokens=5)
+    assert pipe.encode("one two three four five six seven") == "one two three four five"
+    assert pipe.encode("a b", target=True) == "a b"
+
+
+def test_bleu_of_reference_against_itself_is_100():
+    refs = corpus_lines("lohelp.de-en.test.en.xz", 100)
+    assert bleu(refs, refs).value == pytest.approx(100.0)
+    assert chrf(refs, refs).value == pytest.approx(100.0)
+    assert all(s.value == pytest.approx(100.0) for s in rouge(refs, refs))
+
+
+def test_bleu_and_chrf_match_sacrebleu_cli(tmp_path):
+    refs = corpus_lines("lohelp.de-en.test.en.xz", 100)
+    hyps = [" ".join(r.split()[::-1][:8]) if i % 3 else r for i, r in enumerate(refs)]  # a known imperfect output
+    (tmp_path / "ref").write_text("\n".join(refs) + "\n")
+    (tmp_path / "hyp").write_text("\n".join(hyps) + "\n")
+    for metric, fn in (("bleu", bleu), ("chrf", chrf)):
+        cli = subprocess.run(["sacrebleu", str(tmp_path / "ref"), "-i", str(tmp_path / "hyp"), "-m", metric, "-b"],
+                             capture_output=True, text=True, check=True).stdout
+        score = fn(hyps, refs)
+        assert score.value == pytest.approx(float(cli), abs=0.05)
+        assert "nrefs:1" in score.signature and "version:" in score.signature
+    assert 0 < bleu(hyps, refs).value < 100
+
+
+def test_scores_refuse_misaligned_files_and_pick_the_task_metric():
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        bleu(["a", "b"], ["a"])
+    assert [s.name for s in score_task("summarization", ["a b"], ["a b"])] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
+    assert [s.name for s in score_task("translation", ["a b"], ["a b"])] == ["BLEU", "chrF"]

@@ -2,6 +2,7 @@
 
     python data/train.py deen            # prepare (if needed), train small + big, export data/pairs/deen
     python data/train.py summ --hours-big 0.6
+    python data/train.py deen --export-only   # (re)write data/pairs/deen from the best checkpoints
 
 Training resumes from the last checkpoint when rerun (fairseq's checkpoint_last.pt). Sizes are
 chosen for 2 CPU cores: see data/README.md for the reasoning and the measured results.
@@ -10,13 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from data.corpora import CORPORA  # noqa: E402
+from bild_fairseq.checkpoints import export_for_inference  # noqa: E402
+from bild_fairseq.pairdir import PairSpec  # noqa: E402
+from data.corpora import CORPORA, Corpus  # noqa: E402
+
+#: BiLD settings recorded in pair.json (the issue's defaults until a sweep recommends better ones)
+DEFAULT_BILD = {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10}
 
 COMMON = [
     "--arch", "transformer", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
@@ -56,6 +63,27 @@ def train(bin_dir: Path, save_dir: Path, size: str, hours: float, max_epoch: int
     return save_dir / "checkpoint_best.pt"
 
 
+def export_pair(corpus: Corpus, work: Path, out: Path) -> Path:
+    """Write a pair directory: fp16 inference checkpoints, dictionaries, BPE codes, pair.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for size in ("big", "small"):
+        export_for_inference(work / f"ckpt-{size}" / "checkpoint_best.pt", out / f"{size}.pt", fp16=True)
+    for suffix in (corpus.src_suffix, corpus.tgt_suffix):
+        shutil.copy(work / "bin" / f"dict.{suffix}.txt", out / f"dict.{suffix}.txt")
+    shutil.copy(work / "bpe.codes", out / "bpe.codes")
+    old = PairSpec.load(out) if (out / "pair.json").exists() else None
+    spec = PairSpec(
+        directory=out, task="summarization" if corpus.name == "summ" else "translation",
+        source_lang=corpus.src_suffix, target_lang=corpus.tgt_suffix,
+        moses_source_lang=corpus.src_lang, moses_target_lang=corpus.tgt_lang,
+        max_source_tokens=corpus.max_source_tokens,
+        bild=old.bild if old else dict(DEFAULT_BILD),  # keep thresholds a sweep wrote
+        generation={"max_len_a": 0, "max_len_b": 200},
+    )
+    spec.save()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", choices=sorted(CORPORA))
@@ -65,15 +93,19 @@ def main() -> None:
     parser.add_argument("--hours-small", type=float, default=0.25, help="wall-clock budget for the small model")
     parser.add_argument("--max-epoch", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--export-only", action="store_true", help="only write the pair directory")
+    parser.add_argument("--pair-dir", type=Path, help="pair directory to write (default data/pairs/CORPUS)")
     args = parser.parse_args()
     work = args.work or ROOT / "data" / "work" / args.corpus
     bin_dir = work / "bin"
     if not (bin_dir / "preprocess.log").exists():
         subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), args.corpus, "--out", str(work)], check=True)
     for size in ("small", "big"):
-        if args.only in (None, size):
+        if args.only in (None, size) and not args.export_only:
             hours = args.hours_big if size == "big" else args.hours_small
             print(train(bin_dir, work / f"ckpt-{size}", size, hours, args.max_epoch, args.threads))
+    if args.only is None or args.export_only:
+        print(export_pair(CORPORA[args.corpus], work, args.pair_dir or ROOT / "data" / "pairs" / args.corpus))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Evaluate a pair directory's big and small models on the test split and write a report.
+
+    python data/evaluate.py deen            # -> data/pairs/deen/report.{json,md}
+    python data/evaluate.py summ --limit 300
+
+Reports quality (BLEU/chrF with sacrebleu signatures, or ROUGE), parameters, decoder
+multiply-accumulates per generated token and the measured time of one incremental decoder step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import statistics
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bild_fairseq.api import PairTranslator  # noqa: E402
+from bild_fairseq.incremental import IncrementalDecoder  # noqa: E402
+from bild_fairseq.scoring import score_task  # noqa: E402
+from data.corpora import CORPORA  # noqa: E402
+
+
+def decoder_macs_per_token(model) -> int:
+    """Weight multiply-accumulates of one incremental decoder step (attention scores excluded:
+    they grow with length and are small at these lengths; cross-attention keys/values are
+    computed once per sentence, so they are excluded too)."""
+    d = model.decoder
+    total = d.output_projection.weight.numel()
+    for m in (d.project_in_dim, d.project_out_dim):
+        total += m.weight.numel() if m is not None else 0
+    for layer in d.layers:
+        sa, ea = layer.self_attn, layer.encoder_attn
+        total += sum(p.weight.numel() for p in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ea.q_proj, ea.out_proj,
+                                                  layer.fc1, layer.fc2))
+    return total
+
+
+def step_ms(model, prefix: int = 20, source_len: int = 25, repeats: int = 30) -> float:
+    """Median wall time of one batch-1 incremental decoder step (output projection included)."""
+    dec = IncrementalDecoder(model.decoder)
+    src = torch.randint(4, 100, (1, source_len))
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=torch.tensor([source_len]))
+        cache = dec.start(enc, prefix + repeats + 2)
+        dec.forward(cache, torch.tensor([0]), torch.randint(4, 100, (1, prefix)), torch.tensor([prefix]))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dec.forward(cache, torch.tensor([0]), torch.randint(4, 100, (1, 1)), torch.tensor([1]))
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def read(path: Path, limit: int | None) -> list[str]:
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in islice(f, limit)]
+
+
+def evaluate(corpus_name: str, pair_dir: Path, limit: int | None) -> dict:
+    corpus = CORPORA[corpus_name]
+    sources = read(corpus.path("test", corpus.src_suffix), limit)
+    refs = read(corpus.path("test", corpus.tgt_suffix), limit)
+    report = {"pair": str(pair_dir), "test_lines": len(sources), "models": {}}
+    for mode in ("big", "small"):
+        t = PairTranslator.from_pair_dir(pair_dir, mode=mode)
+        model = t.generator.model.single_model
+        out = t.translate(sources, max_tokens=4000)
+        report["task"] = t.spec.task
+        report["models"][mode] = {
+            "scores": [s.to_dict() for s in score_task(t.spec.task, out.hypotheses, refs)],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "decoder_macs_per_token": decoder_macs_per_token(model),
+            "decoder_step_ms": step_ms(model),
+            "architecture": {k: getattr(model.cfg if hasattr(model, "cfg") else model.args, k, None) for k in (
+                "encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_embed_dim", "decoder_ffn_embed_dim")},
+        }
+    big, small = report["models"]["big"], report["models"]["small"]
+    report["decoder_macs_ratio"] = big["decoder_macs_per_token"] / small["decoder_macs_per_token"]
+    report["decoder_step_time_ratio"] = big["decoder_step_ms"] / small["decoder_step_ms"]
+    return report
+
+
+def markdown(report: dict, command: str) -> str:
+    names = [s["name"] for s in report["models"]["big"]["scores"]]
+    lines = [f"Test split: {report['test_lines']} lines. Reproduce: `{command}`", "",
+             "| model | " + " | ".join(names) + " | parameters | decoder MACs/token | decoder step (ms, batch 1) |",
+             "|---" * (len(names) + 4) + "|"]
+    for mode, m in report["models"].items():
+        scores = " | ".join(f"{s['value']:.2f}" for s in m["scores"])
+        lines.append(f"| {mode} | {scores} | {m['parameters'] / 1e6:.2f}M | {m['decoder_macs_per_token'] / 1e6:.2f}M "
+                     f"| {m['decoder_step_ms']:.2f} |")
+    lines += ["", f"Big/small decoder MACs per token: {report['decoder_macs_ratio']:.1f}x; "
+                  f"measured decoder step time: {report['decoder_step_time_ratio']:.1f}x.", "",
+              "Signatures: " + "; ".join(s["signature"] for s in report["models"]["big"]["scores"][:2])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", choices=sorted(CORPORA))
+    parser.add_argument("--pair", type=Path, help="pair directory (default data/pairs/CORPUS)")
+    parser.add_argument("--limit", type=int, help="evaluate on the first N test lines only")
+    args = parser.parse_args()
+    pair = args.pair or ROOT / "data" / "pairs" / args.corpus
+    torch.set_num_threads(1)
+    report = evaluate(args.corpus, pair, args.limit)
+    command = "python data/evaluate.py " + " ".join(sys.argv[1:])
+    (pair / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (pair / "report.md").write_text(markdown(report, command))
+    print(markdown(report, command))
+
+
+if __name__ == "__main__":
+    main()

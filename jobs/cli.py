@@ -18,7 +18,7 @@ from jobs.config import ConfigError, Decoding, RunConfig
 from jobs.executors.base import Executor
 from jobs.executors.local import LocalExecutor, plan_slots
 from jobs.executors.slurm import SlurmError, SlurmExecutor, SlurmOptions
-from jobs.runner import ConfigChanged, RunRequest, execute, failure_report, plan_run
+from jobs.runner import ConfigChanged, RunRequest, check_request, execute, failure_report, plan_run
 from jobs.status import shard_states, status_table
 from jobs.workdir import WorkDir, WorkDirError
 
@@ -57,10 +57,11 @@ def main() -> None:
               help="pair directory: big.pt, small.pt, dictionaries, BPE codes, pair.json")
 @click.option("--output", "-o", required=True, type=PATH, help="output file, line-aligned with INPUT")
 @click.option("--workdir", "-w", type=PATH, help="run state (shards, logs, manifest) [OUTPUT.work]")
-@click.option("--shards", type=int, help="split INPUT into N line ranges "
+@click.option("--shards", type=click.IntRange(min=1), help="split INPUT into N line ranges "
               "[at least one per worker, at most 100,000 lines each; on resume: as before]")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True)
-@click.option("--workers", type=int, help="local: worker processes [one per GPU; without GPUs, one per 4 cores]; "
+@click.option("--workers", type=click.IntRange(min=1),
+              help="local: worker processes [one per GPU; without GPUs, one per 4 cores]; "
               "slurm: shards running at once [no limit]")
 @click.option("--bild", "mode", flag_value="bild", default=True, help="decode with BiLD (default)")
 @click.option("--big-only", "mode", flag_value="big", help="baseline: the big model alone")
@@ -70,12 +71,14 @@ def main() -> None:
 @click.option("--fallback-threshold", type=float, help="BiLD fallback threshold [pair.json's]")
 @click.option("--rollback-threshold", type=float, help="BiLD rollback threshold [pair.json's]")
 @click.option("--max-small-steps", type=int, help="BiLD max consecutive small-model steps [pair.json's]")
-@click.option("--beam", type=int, default=1, show_default=True, help="beam size (--big-only/--small-only only)")
+@click.option("--beam", type=click.IntRange(min=1), default=1, show_default=True,
+              help="beam size (--big-only/--small-only only)")
 @click.option("--max-len-a", type=float, help="max output length a*source+b [pair.json's]")
 @click.option("--max-len-b", type=int, help="max output length a*source+b [pair.json's]")
 @click.option("--fp16", is_flag=True, help="half precision (GPU)")
-@click.option("--max-tokens", type=int, default=4096, show_default=True, help="source tokens per batch")
-@click.option("--max-sentences", type=int, help="sentences per batch [no limit]")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="source tokens per batch")
+@click.option("--max-sentences", type=click.IntRange(min=1), help="sentences per batch [no limit]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--ref", type=EXISTING_FILE, help="reference, line-aligned with INPUT: score with BLEU+chrF "
               "(translation) or ROUGE (summarization)")
@@ -92,7 +95,8 @@ def main() -> None:
 @click.option("--mem", help="slurm: memory per shard, e.g. 16G")
 @click.option("--sbatch-option", "sbatch_options", multiple=True,
               help="slurm: extra sbatch option, verbatim, e.g. --sbatch-option=--account=nlp (repeatable)")
-@click.option("--dry-run", is_flag=True, help="slurm: prepare WORKDIR, print the job script and sbatch command, submit nothing")
+@click.option("--dry-run", is_flag=True,
+              help="slurm: prepare WORKDIR, print the job script and sbatch command, submit nothing")
 def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, shards: int | None, executor: str,
         workers: int | None, mode: str, small_checkpoint: str | None, bild_exact: bool,
         fallback_threshold: float | None, rollback_threshold: float | None, max_small_steps: int | None,
@@ -109,16 +113,19 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
                             max_small_steps=max_small_steps, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
                             fp16=fp16)
         slots = plan_slots(device, workers) if executor == "local" else []
+        request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,
+                             parallel=len(slots) or workers, max_tokens=max_tokens, max_sentences=max_sentences,
+                             device=device)
+        spec = check_request(request)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
+    except PairDirError as e:
+        raise click.ClickException(str(e)) from None
     wd = WorkDir(workdir or output.with_name(output.name + ".work"))
-    request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,
-                         parallel=len(slots) or workers, max_tokens=max_tokens, max_sentences=max_sentences,
-                         device=device)
     python = shlex.split(python_cmd)
     try:
         with wd.lock():
-            cfg = plan_run(wd, request, fresh, _echo)
+            cfg = plan_run(wd, request, spec, fresh, _echo)
             runner: Executor
             if executor == "local":
                 runner, info = LocalExecutor(wd, python, slots), {"name": "local", "workers": len(slots)}
@@ -136,7 +143,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
             if failures:
                 raise click.ClickException(failure_report(failures, cfg, retries))
             click.echo(_summary(collect(wd, cfg, output, ref), wd))
-    except (PairDirError, ConfigError, ConfigChanged, WorkDirError, SlurmError, CollectError) as e:
+    except (ConfigChanged, WorkDirError, SlurmError, CollectError) as e:
         raise click.ClickException(str(e)) from None
 
 

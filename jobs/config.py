@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from bild_fairseq.config import BildOptionError, check_thresholds
 from bild_fairseq.pairdir import PairSpec
 from jobs.shards import plan
 from jobs.workdir import write_atomic
@@ -53,8 +54,18 @@ class Decoding:
                               "beam search is for the --big-only/--small-only baselines")
         if self.mode == "big" and self.small_checkpoint is not None:
             raise ConfigError("--small-checkpoint has no effect with --big-only: drop it")
-        if self.beam < 1:
-            raise ConfigError(f"--beam must be >= 1, got {self.beam}")
+
+    def check_pair(self, spec: PairSpec) -> None:
+        """Refuse, before any work, what every worker would fail on: a missing model file, or
+        thresholds (given, or pair.json's) outside their range."""
+        spec.check(*self.model_files(spec))
+        if self.mode == "bild":
+            given = {"fallback_threshold": self.fallback_threshold, "rollback_threshold": self.rollback_threshold,
+                     "max_small_steps": self.max_small_steps}
+            try:
+                check_thresholds(**{**spec.bild, **{k: v for k, v in given.items() if v is not None}})
+            except BildOptionError as e:
+                raise ConfigError(f"{e} (from the command line, or {spec.directory / 'pair.json'})") from None
 
     def model_files(self, spec: PairSpec) -> list[str]:
         """The checkpoint files of the pair directory this decoding reads."""

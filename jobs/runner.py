@@ -41,16 +41,21 @@ class RunRequest:
     device: str = "auto"
 
 
-def plan_run(wd: WorkDir, req: RunRequest, fresh: bool, echo: Callable[[str], None]) -> RunConfig:
-    """Check the pair, scan the input, and create or resume the work directory's configuration."""
+def check_request(req: RunRequest) -> PairSpec:
+    """Everything that can be refused without touching the work directory or reading the input."""
+    if req.output.resolve() == req.input.resolve():
+        raise ConfigError(f"--output {req.output} is the input file: choose another output path")
     spec = PairSpec.load(req.pair_dir)
-    spec.check(*req.decoding.model_files(spec))
+    req.decoding.check_pair(spec)
+    return spec
+
+
+def plan_run(wd: WorkDir, req: RunRequest, spec: PairSpec, fresh: bool, echo: Callable[[str], None]) -> RunConfig:
+    """Scan the input, and create or resume the work directory's configuration."""
     corpus = wd.cached("corpus", req.input, lambda p: asdict(scan(p)))
     previous = RunConfig.load(wd.config) if wd.config.is_file() else None
     shards = req.shards or (previous.shards if previous else None) \
         or max(req.parallel or 1, math.ceil(corpus["lines"] / LINES_PER_SHARD))
-    if shards < 1:
-        raise ConfigError(f"--shards must be >= 1, got {shards}")
     if shards > max(corpus["lines"], 1):
         echo(f"note: {shards} shards requested for {corpus['lines']} input lines: using {max(corpus['lines'], 1)}")
         shards = max(corpus["lines"], 1)
@@ -81,7 +86,7 @@ class Failure:
 
 
 def _settle(wd: WorkDir, cfg: RunConfig, ended: Ended) -> Failure | None:
-    """Decide how a worker ended; a worker killed mid-shard gets its record marked failed."""
+    """Decide how a worker ended; one that died without reporting gets its record marked failed."""
     if wd.is_done(ended.shard, cfg.hash):
         return None
     record = wd.read_record(ended.shard)
@@ -91,10 +96,11 @@ def _settle(wd: WorkDir, cfg: RunConfig, ended: Ended) -> Failure | None:
     if ended.log is not None and ended.log.is_file():
         last = ended.log.read_text(errors="replace").strip().splitlines()[-1:]
         reason += f"; its log ends: {last[0]}" if last else "; its log is empty"
-    if record is not None and record.config_hash == cfg.hash:
-        record.status, record.error, record.finished = "failed", reason, time.time()
-        record.log = record.log or (str(ended.log) if ended.log else None)
-        wd.write_record(record)
+    if record is None or record.config_hash != cfg.hash:  # a job script submitted by hand (--dry-run)
+        record = wd.queue(ended.shard, cfg.ranges()[ended.shard], cfg.hash)
+    record.status, record.error, record.finished = "failed", reason, time.time()
+    record.log = record.log or (str(ended.log) if ended.log else None)
+    wd.write_record(record)
     return Failure(ended.shard, reason, ended.log)
 
 
@@ -117,6 +123,13 @@ class Progress:
         self.bar.close()
 
 
+def _submit(wd: WorkDir, cfg: RunConfig, executor: Executor, shards: list[int]) -> None:
+    ranges = cfg.ranges()
+    for i in shards:
+        wd.queue(i, ranges[i], cfg.hash)
+    executor.submit(shards)
+
+
 def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo: Callable[[str], None],
             progress: bool, executor_info: dict) -> list[Failure]:
     """Run every shard that is not done, retrying failures up to ``retries`` times each;
@@ -130,7 +143,7 @@ def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo:
     failures: dict[int, Failure] = {}
     bar = Progress(wd, cfg, progress)
     if todo:
-        executor.submit(todo)
+        _submit(wd, cfg, executor, todo)
     manifest.write(wd, manifest.build(wd, cfg, executor=executor_info))
     try:
         while executor.active():
@@ -148,7 +161,7 @@ def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo:
                     failures[e.shard] = failure
             if retry:
                 tries.update(retry)
-                executor.submit(retry)
+                _submit(wd, cfg, executor, retry)
             if ended:
                 manifest.write(wd, manifest.build(wd, cfg, executor=executor_info))
             bar.refresh(executor.active())

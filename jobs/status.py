@@ -51,6 +51,8 @@ def shard_states(wd: WorkDir, cfg: RunConfig) -> list[ShardState]:
                 detail += f", {wd.lines_in_progress(i)}/{len(lines)} lines on {record.host}"
         elif record is None:
             state, detail = "pending", ""
+        elif record.status == "queued":
+            state, detail = "pending", f"queued for attempt {record.attempt}"
         elif record.status == "done" and wd.is_done(i, cfg.hash):
             state, detail = "done", f"{record.timings.get('total', 0):.1f} s on {record.host}"
         elif record.status == "running" and not jobs and _alive_here(record):

@@ -53,9 +53,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-STATUSES = ("running", "done", "failed")
-
-
 @dataclass
 class ShardRecord:
     """What a worker reports about one attempt at one shard (``shards/NNNNN.json``)."""
@@ -64,7 +61,7 @@ class ShardRecord:
     start: int
     stop: int
     config_hash: str
-    status: str
+    status: str  # queued (by the driver) | running | done | failed
     attempt: int
     host: str = ""
     pid: int = 0
@@ -138,9 +135,24 @@ class WorkDir:
         return (record is not None and record.status == "done" and record.config_hash == config_hash
                 and self.output(index).is_file())
 
-    def next_attempt(self, index: int) -> int:
-        record = self.read_record(index)
-        return record.attempt + 1 if record else 1
+    def queue(self, index: int, lines: range, config_hash: str) -> ShardRecord:
+        """Record that the driver is about to start attempt N+1 at a shard: the worker takes that
+        number, and a shard whose worker never started (still "queued") is told apart from one
+        whose worker failed (its "failed" record is then surely from this attempt)."""
+        previous = self.read_record(index)
+        attempt = previous.attempt + 1 if previous and previous.config_hash == config_hash else 1
+        record = ShardRecord(index=index, start=lines.start, stop=lines.stop, config_hash=config_hash,
+                             status="queued", attempt=attempt)
+        self.write_record(record)
+        return record
+
+    def start_attempt(self, index: int, config_hash: str) -> int:
+        """The attempt number a starting worker takes: the queued one, else (a job script
+        submitted by hand, a requeued Slurm task) the one after the last."""
+        previous = self.read_record(index)
+        if previous is None or previous.config_hash != config_hash:
+            return 1
+        return previous.attempt if previous.status == "queued" else previous.attempt + 1
 
     def lines_in_progress(self, index: int) -> int:
         try:

@@ -26,15 +26,17 @@ MAX_FAILED_LINES = 10
 
 
 class ProgressFile:
-    """The API's progress callback, written to the shard's progress file at most once a second."""
+    """The API's progress callback (lines finished since the last call), summed and written to the
+    shard's progress file at most once a second."""
 
-    def __init__(self, path: Path):
-        self.path, self.last = path, 0.0
+    def __init__(self, path: Path, total: int):
+        self.path, self.total, self.done, self.last = path, total, 0, 0.0
 
-    def __call__(self, done: int) -> None:
+    def __call__(self, lines: int) -> None:
+        self.done = min(self.done + lines, self.total)  # lines retried while isolating count once
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_S:
-            write_atomic(self.path, str(done))
+            write_atomic(self.path, str(self.done))
             self.last = now
 
 
@@ -60,7 +62,7 @@ def translate_isolating(translator, lines: Sequence[str], offset: int, progress:
     Returns hypotheses, issues ([input line, kind, detail]) and the stats dicts of the calls.
     """
     try:
-        out = translator.translate(lines, progress=lambda n: progress(offset + n), **kwargs)
+        out = translator.translate(lines, progress=progress, **kwargs)
     except Exception as e:
         if len(lines) == 1:
             failed.append([offset, "failed", _headline(e)])
@@ -100,7 +102,7 @@ def run_shard(wd: WorkDir, index: int, log: Path | None) -> ShardRecord:
     cfg = RunConfig.load(wd.config)
     lines = cfg.ranges()[index]
     record = ShardRecord(index=index, start=lines.start, stop=lines.stop, config_hash=cfg.hash, status="running",
-                         attempt=wd.next_attempt(index), host=os.uname().nodename, pid=os.getpid(),
+                         attempt=wd.start_attempt(index, cfg.hash), host=os.uname().nodename, pid=os.getpid(),
                          started=process_start_time(), log=str(log) if log else None)
     wd.write_record(record)
     print(f"shard {index}: lines {lines.start}-{lines.stop - 1} of {cfg.input}, attempt {record.attempt}, "
@@ -114,7 +116,7 @@ def run_shard(wd: WorkDir, index: int, log: Path | None) -> ShardRecord:
                                                   **cfg.decoding.translator_kwargs())
         t1 = time.monotonic()
         hyps, decoded_issues, stats = translate_isolating(
-            translator, texts, 0, ProgressFile(wd.progress(index)), [],
+            translator, texts, 0, ProgressFile(wd.progress(index), len(texts)), [],
             max_tokens=cfg.max_tokens, max_sentences=cfg.max_sentences)
         t2 = time.monotonic()
         with atomic_writer(wd.output(index)) as f:

@@ -13,7 +13,7 @@ from jobs.config import ConfigError, Decoding, RunConfig
 from jobs.executors.slurm import SlurmExecutor, SlurmOptions, array_spec
 from jobs.manifest import merge_stats
 from jobs.shards import decode_line, iter_lines, plan, scan
-from jobs.worker import MAX_FAILED_LINES, translate_isolating
+from jobs.worker import translate_isolating
 from jobs.workdir import ShardRecord, WorkDir, atomic_writer
 
 # CRLF, an empty line, invalid UTF-8, a form feed and U+2028 (line breaks to str.splitlines,
@@ -131,7 +131,19 @@ def test_a_shard_is_done_only_with_a_done_record_of_this_config_and_its_output(t
     assert wd.is_done(2, "h1") and not wd.is_done(2, "h2")
     wd.output(2).unlink()
     assert not wd.is_done(2, "h1")
-    assert wd.next_attempt(2) == 2 and wd.next_attempt(3) == 1
+
+
+def test_attempts_are_numbered_by_the_driver_and_taken_by_the_worker(tmp_path):
+    wd = WorkDir(tmp_path)
+    wd.create()
+    assert wd.start_attempt(0, "h1") == 1  # never queued: a hand-submitted job script
+    assert wd.queue(0, range(0, 5), "h1").attempt == 1
+    assert wd.start_attempt(0, "h1") == 1
+    record = wd.read_record(0)
+    record.status = "failed"
+    wd.write_record(record)
+    assert wd.queue(0, range(0, 5), "h1").attempt == 2
+    assert wd.queue(0, range(0, 5), "h2").attempt == 1  # another config starts over
 
 
 def test_work_directory_lock_is_exclusive(tmp_path):
@@ -173,7 +185,8 @@ def test_lines_the_decoder_cannot_process_get_empty_outputs_and_issues():
     seen = []
     hyps, issues, stats = translate_isolating(_FakeTranslator(), lines, 0, seen.append, [])
     assert hyps == ["" if line == "BOOM" else line.upper() for line in lines]
-    assert issues == [[3, "failed", "RuntimeError: cannot decode this"], [17, "failed", "RuntimeError: cannot decode this"]]
+    error = "RuntimeError: cannot decode this"  # the headline; the whole message goes to the log
+    assert issues == [[3, "failed", error], [17, "failed", error]]
     assert merge_stats(stats)["sentences"] == 18
 
 
@@ -211,3 +224,14 @@ def test_slurm_job_script_uses_this_python_and_the_options(tmp_path):
         assert line in script.splitlines(), line
     assert "CUDA_VISIBLE_DEVICES=" not in script  # GPUs were asked for
     assert executor.sbatch_command([0, 1, 2, 4])[:3] == ["sbatch", "--parsable", "--array=0-2,4%8"]
+
+
+def test_thresholds_are_checked_against_the_pair_before_any_work(tiny_pair):
+    from bild_fairseq.pairdir import PairSpec
+
+    spec = PairSpec.load(tiny_pair)
+    Decoding(fallback_threshold=0.9).check_pair(spec)
+    with pytest.raises(ConfigError, match="must be in \\[0, 1\\]"):
+        Decoding(fallback_threshold=1.5).check_pair(spec)
+    with pytest.raises(ConfigError, match="max-small-steps must be >= 1"):
+        Decoding(max_small_steps=0).check_pair(spec)

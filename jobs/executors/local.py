@@ -35,8 +35,6 @@ def plan_slots(device: str, workers: int | None) -> list[dict[str, str]]:
     if device == "cuda" and not gpus:
         raise ConfigError("--device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES / torch): "
                           "use --device cpu, or run on a GPU machine")
-    if workers is not None and workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
     if gpus:
         return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(workers or len(gpus))]
     cores = len(os.sched_getaffinity(0))
@@ -72,7 +70,7 @@ class LocalExecutor(Executor):
             if slot in self.running or not self.queue:
                 continue
             shard = self.queue.popleft()
-            log = self.wd.local_log(shard, self.wd.next_attempt(shard))
+            log = self.wd.local_log(shard, self.wd.read_record(shard).attempt)  # queued by the driver
             log_file = open(log, "ab")
             # own session: Ctrl-C reaches the driver only, which then stops the workers itself
             process = subprocess.Popen([*self.worker_command(), str(shard), "--log", str(log)],

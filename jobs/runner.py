@@ -139,7 +139,7 @@ def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo:
     done_before = cfg.shards - len(todo) - len(in_flight)
     echo(f"{cfg.shards} shard(s) over {cfg.lines} lines: {done_before} done, {len(todo)} to run"
          + (f", {len(in_flight)} still in Slurm" if in_flight else "") + f" ({executor.name} executor)")
-    tries: Counter[int] = Counter(todo)
+    tries: Counter[int] = Counter(todo + in_flight)
     failures: dict[int, Failure] = {}
     bar = Progress(wd, cfg, progress)
     if todo:

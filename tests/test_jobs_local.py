@@ -83,6 +83,11 @@ def test_kill9_worker_mid_shard_then_rerun_redoes_only_that_shard(tiny_pair, cor
     others = [i for i in range(2) if i != victim]
     before = {i: (wd.output(i).stat().st_mtime_ns, wd.read_record(i).attempt) for i in others}
     assert all(wd.is_done(i, killed.config_hash) for i in others)
+    table = CliRunner().invoke(main, ["status", str(wd.root)]).output
+    assert "1 done, 0 running, 0 pending, 1 failed; 150/300 lines done" in table
+    assert "killed by SIGKILL" in table
+    incomplete = CliRunner().invoke(main, ["collect", str(wd.root)])
+    assert incomplete.exit_code == 1 and f"1 of 2 shard(s) are not done (shards {victim})" in incomplete.output
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "1 done, 1 to run" in rerun.stderr
@@ -90,6 +95,10 @@ def test_kill9_worker_mid_shard_then_rerun_redoes_only_that_shard(tiny_pair, cor
     assert wd.read_record(victim).attempt == 2
     assert read_output(out) == reference_output  # complete, nothing duplicated or reordered
     assert not list(wd.shards.glob(".*.tmp"))
+    again = CliRunner().invoke(main, ["collect", str(wd.root), "-o", str(tmp_path / "again.en")])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "again.en").read_bytes() == out.read_bytes()
+    assert json.loads(wd.manifest.read_text())["output"] == str(tmp_path / "again.en")
 
 
 def test_bad_input_lines_are_counted_reported_and_never_dropped(tiny_pair, tmp_path):

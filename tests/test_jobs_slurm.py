@@ -100,16 +100,16 @@ def _wait_for_job(job: str, timeout: float = 240) -> str:
     raise AssertionError(f"job {job} did not end in {timeout} s")
 
 
-def test_slurm_array_with_a_retried_shard_reproduces_the_single_process_run(
+def test_slurm_array_survives_its_driver_and_retries_a_failed_shard(
         slurm_cluster, tiny_pair, corpus, reference_output, tmp_path):
     src, ref = corpus
     out, wd = tmp_path / "out.en", WorkDir(tmp_path / "work")
     wrapper, gate = _python_wrapper(tmp_path)
-    driver = subprocess.Popen(
-        [str(BILD_JOBS), "run", str(src), "--pair", str(tiny_pair), "-o", str(out), "-w", str(wd.root),
-         "--executor", "slurm", "--shards", "3", "--workers", "2", "--retries", "1", "--python", str(wrapper),
-         "--time", "10:00", "--mem", "1G", "--cpus-per-task", "1", "--ref", str(ref)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [str(BILD_JOBS), "run", str(src), "--pair", str(tiny_pair), "-o", str(out), "-w", str(wd.root),
+           "--executor", "slurm", "--shards", "3", "--workers", "2", "--retries", "1", "--python", str(wrapper),
+           "--time", "10:00", "--mem", "1G", "--cpus-per-task", "1", "--ref", str(ref)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         # the array is throttled to 2 tasks at once (--workers 2): two run, one waits
         def two_running_one_pending() -> str | None:
@@ -117,17 +117,24 @@ def test_slurm_array_with_a_retried_shard_reproduces_the_single_process_run(
             return table if "2 running, 1 pending" in table else None
 
         table = _wait_for(two_running_one_pending, "two running shards and one pending", driver)
-        job = json.loads((wd.slurm / "jobs.json").read_text())[0]["job_id"]
-        assert f"slurm {job}_2 PENDING" in table
+        first = json.loads((wd.slurm / "jobs.json").read_text())[0]["job_id"]
+        assert f"slurm {first}_2 PENDING" in table
+        driver.kill()  # the driver dies (logout, its own time limit): the array runs on
+        driver.communicate()
+        rerun = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        plan = ""
+        while "shard(s) over" not in plan:
+            plan = rerun.stderr.readline()
+            assert plan, rerun.communicate()
+        assert "0 done, 0 to run, 3 still in Slurm" in plan  # it waits for them, resubmits none
     finally:
         gate.touch()
-    stdout, stderr = driver.communicate(timeout=300)
-    assert driver.returncode == 0, stderr
-
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
     assert read_output(out) == reference_output
     submissions = json.loads((wd.slurm / "jobs.json").read_text())
     assert [s["shards"] for s in submissions] == [[0, 1, 2], [1]]
-    first, retry = submissions[0]["job_id"], submissions[1]["job_id"]
+    retry = submissions[1]["job_id"]
     assert "injected failure of shard 1" in wd.slurm_log(1, first).read_text()
     assert f"shard 1 failed (Slurm array task {first}_1 ended without a result" in stderr
     assert "retry 1 of 1" in stderr

@@ -3,6 +3,7 @@ writes, shard bookkeeping, bad-line isolation, Slurm array specs."""
 from __future__ import annotations
 
 import gzip
+import os
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,3 +236,19 @@ def test_thresholds_are_checked_against_the_pair_before_any_work(tiny_pair):
         Decoding(fallback_threshold=1.5).check_pair(spec)
     with pytest.raises(ConfigError, match="max-small-steps must be >= 1"):
         Decoding(max_small_steps=0).check_pair(spec)
+
+
+def test_local_slots_one_per_visible_gpu_or_cpu_workers_with_a_share_of_cores(monkeypatch):
+    from jobs.executors.local import plan_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert plan_slots("auto", None) == [{"CUDA_VISIBLE_DEVICES": "2"}, {"CUDA_VISIBLE_DEVICES": "5"}]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in plan_slots("cuda", 3)] == ["2", "5", "2"]
+    cpu = plan_slots("cpu", 3)
+    cores = len(os.sched_getaffinity(0))
+    assert cpu == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, cores // 3)),
+                    "MKL_NUM_THREADS": str(max(1, cores // 3))}] * 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert plan_slots("auto", 2) == plan_slots("cpu", 2)  # no GPU visible: CPU workers
+    with pytest.raises(ConfigError, match="no GPU is visible"):
+        plan_slots("cuda", None)

@@ -120,7 +120,6 @@ class SlurmExecutor(Executor):
         return self.wd.slurm / "job.sh"
 
     def job_script(self) -> str:
-        package_root = Path(jobs.__file__).resolve().parent.parent
         cmd = f'{shlex.join(self.worker_command())} "$SLURM_ARRAY_TASK_ID"'
         lines = ["#!/bin/bash",
                  f"# bild-jobs shard workers for {self.wd.root}: one array task per shard.",
@@ -130,9 +129,10 @@ class SlurmExecutor(Executor):
                  "#SBATCH --ntasks=1",
                  *(f"#SBATCH {o}" for o in self.options.directives()),
                  "set -eu",
-                 # the same code as the driver, installed or not
-                 f"export PYTHONPATH={shlex.quote(str(package_root))}${{PYTHONPATH:+:$PYTHONPATH}}",
                  'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" MKL_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"']
+        checkout = Path(jobs.__file__).resolve().parent.parent
+        if (checkout / "setup.py").is_file():  # a source checkout: workers run this code, not another copy
+            lines.append(f"export PYTHONPATH={shlex.quote(str(checkout))}${{PYTHONPATH:+:$PYTHONPATH}}")
         if not self.options.gpus_per_task:  # no GPU asked for: do not use one Slurm did not give
             lines.append("export CUDA_VISIBLE_DEVICES=")
         lines.append(f"exec {cmd}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from bild_fairseq.pairdir import PairDirError
-from jobs.collect import CollectError, collect
+from jobs.collect import CollectError, check_reference, collect
 from jobs.config import ConfigError, Decoding, RunConfig
 from jobs.executors.base import Executor
 from jobs.executors.local import LocalExecutor, plan_slots
@@ -105,8 +105,12 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
         cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], dry_run: bool) -> None:
     """Decode INPUT (plain, .gz or .xz; one sentence or document per line) into OUTPUT, line-aligned."""
-    if dry_run and executor != "slurm":
-        raise click.UsageError("--dry-run prints a Slurm job script: use it with --executor slurm")
+    slurm_only = {"--partition": partition, "--time": time_limit, "--gpus-per-task": gpus_per_task,
+                  "--cpus-per-task": cpus_per_task, "--mem": mem, "--sbatch-option": sbatch_options,
+                  "--dry-run": dry_run}
+    if executor != "slurm" and any(slurm_only.values()):
+        given = ", ".join(name for name, value in slurm_only.items() if value)
+        raise click.UsageError(f"{given}: Slurm options, for --executor slurm")
     try:
         decoding = Decoding(mode=mode, small_checkpoint=small_checkpoint, exact=bild_exact,
                             fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
@@ -126,6 +130,8 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
     try:
         with wd.lock():
             cfg = plan_run(wd, request, spec, fresh, _echo)
+            if ref is not None:
+                check_reference(cfg, ref)
             runner: Executor
             if executor == "local":
                 runner, info = LocalExecutor(wd, python, slots), {"name": "local", "workers": len(slots)}

@@ -6,7 +6,7 @@ from pathlib import Path
 from bild_fairseq.scoring import Score, score_task
 from jobs import manifest
 from jobs.config import RunConfig
-from jobs.shards import decode_line, iter_lines
+from jobs.shards import decode_line, iter_lines, scan
 from jobs.workdir import WorkDir, atomic_writer
 
 
@@ -45,18 +45,25 @@ def write_issues(wd: WorkDir, cfg: RunConfig) -> int:
     return count
 
 
+def check_reference(cfg: RunConfig, ref: Path) -> None:
+    """Refuse a reference that is not line-aligned with the input (before decoding, not after)."""
+    lines = scan(ref).lines
+    if lines != cfg.lines:
+        raise CollectError(f"--ref {ref} has {lines} lines, the input has {cfg.lines}: "
+                           "a reference must be line-aligned with the input")
+
+
 def score(cfg: RunConfig, output: Path, ref: Path) -> list[Score]:
     """The task's metrics (BLEU+chrF or ROUGE) of ``output`` against the line-aligned ``ref``."""
     hyps = [decode_line(raw)[0] for raw in iter_lines(output)]
     refs = [decode_line(raw)[0] for raw in iter_lines(ref)]
-    if len(refs) != len(hyps):
-        raise CollectError(f"--ref {ref} has {len(refs)} lines, the input has {len(hyps)}: "
-                           "a reference must be line-aligned with the input")
     return score_task(cfg.task, hyps, refs)
 
 
 def collect(wd: WorkDir, cfg: RunConfig, output: Path, ref: Path | None = None) -> dict:
     """Write the output, issues and manifest; returns the manifest."""
+    if ref is not None:
+        check_reference(cfg, ref)
     concatenate(wd, cfg, output)
     write_issues(wd, cfg)
     previous = manifest.read(wd) or {}

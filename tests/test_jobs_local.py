@@ -145,7 +145,17 @@ def test_unusable_requests_are_clear_errors_before_any_work(tiny_pair, corpus, t
     result = CliRunner().invoke(main, ["run", str(corpus[0]), "--pair", str(tiny_pair), "-o", str(tmp_path / "o.en"),
                                        "--fallback-threshold", "2"])
     assert result.exit_code == 2 and "must be in [0, 1]" in result.output
+    result = CliRunner().invoke(main, ["run", str(corpus[0]), "--pair", str(tiny_pair), "-o", str(tmp_path / "o.en"),
+                                       "--gpus-per-task", "1", "--dry-run"])
+    assert result.exit_code == 2 and "--gpus-per-task, --dry-run: Slurm options" in result.output
     assert not (tmp_path / "o.en.work").exists()
+
+    short_ref = tmp_path / "short.en"
+    short_ref.write_text("only\nfive\nlines\nof\nreference\n")
+    result = CliRunner().invoke(main, ["run", str(corpus[0]), "--pair", str(tiny_pair), "-o", str(tmp_path / "r.en"),
+                                       "--ref", str(short_ref), "--device", "cpu"])
+    assert result.exit_code == 1 and "has 5 lines, the input has 300" in result.output
+    assert not list((tmp_path / "r.en.work" / "shards").iterdir())  # refused before decoding
 
 
 def test_changed_config_is_refused_unless_fresh(tiny_pair, tmp_path):

@@ -1,8 +1,8 @@
 """The executor interface: start shard workers somewhere, report each one's end.
 
 Executors only run ``python -m jobs.worker WORKDIR SHARD``; whether a shard is done is decided by
-its record and output in the work directory, never by an exit status, so a worker that lies
-(or a scheduler that loses track) cannot make a half shard look complete.
+its record and output in the work directory, never by an exit status or a scheduler's job state,
+so nothing an executor misreports can make a half shard look complete.
 """
 from __future__ import annotations
 

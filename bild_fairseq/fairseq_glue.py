@@ -136,6 +136,8 @@ def _hook_build_generator() -> None:
 
 def report_stats(generator, json_path: str | None) -> None:
     """Log a run's statistics at exit (fairseq-generate has no end-of-run hook) and save JSON."""
+    if generator.stats.sentences == 0:
+        return
     logger.info(generator.stats.summary())
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:

@@ -3,6 +3,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from tiny import PLUGIN_DIR, make_tiny_pair
 
@@ -76,3 +77,20 @@ def test_interactive_with_bild(deen_slice, tiny_pair):
     assert stock.returncode == 0 and bild.returncode == 0, bild.stderr
     assert len(hypotheses(stock.stdout)) == 2
     assert {k: v[0] for k, v in hypotheses(bild.stdout).items()} == {k: v[0] for k, v in hypotheses(stock.stdout).items()}
+
+
+def test_task_build_generator_gets_bild_from_options_and_small_follows_big_dtype(tiny_pair):
+    from fairseq.dataclass.configs import GenerationConfig
+
+    from bild_fairseq.api import PairTranslator
+    from bild_fairseq.generator import BildSequenceGenerator
+
+    t = PairTranslator.from_pair_dir(tiny_pair, mode="big")
+    big = t.generator.model.single_model.to(torch.bfloat16)
+    cfg = GenerationConfig(beam=1)
+    cfg.bild, cfg.bild_small_path, cfg.bild_exact = True, str(tiny_pair / "small.pt"), True
+    gen = t.task.build_generator([big], cfg)
+    assert isinstance(gen, BildSequenceGenerator) and gen.exact
+    assert next(gen.small_model.parameters()).dtype == torch.bfloat16
+    cfg.bild = False
+    assert type(t.task.build_generator([big], cfg)).__name__ == "SequenceGenerator"

@@ -1,0 +1,261 @@
+"""``bild-jobs bench``: is BiLD faster at (almost) the big model's quality? One run, one machine.
+
+    bild-jobs bench benchmarks/suites.json --repeats 3 --out benchmarks/out
+
+For each suite (a pair directory and a test set), every variant decodes the same batches,
+interleaved batch by batch (see jobs.measure), at every batching:
+
+    stock        fairseq's own SequenceGenerator(beam_size=1), big model: what a user runs today
+    big          the project's greedy loop, big model only (separates BiLD's gain from overhead)
+    small        the project's greedy loop, small model only
+    bild-exact   BiLD exact mode (output must equal stock's)
+    bild-default BiLD at pair.json's thresholds
+    bild-tuned   BiLD at the suite's thresholds from a sweep (when given)
+
+plus the small/bild variants of any other small checkpoint the suite lists (``@name``).
+Writes bench.json and bench.md to --out; --update-markdown rewrites BENCHMARKS.md's results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from bild_fairseq.scoring import score_task
+from jobs.agreement import agreement
+from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, detokenize, encode,
+                          measure, read_lines)
+
+DEFAULT_BATCHINGS = ("1", "16", "tokens:4096")
+
+
+@dataclass(frozen=True)
+class SmallModel:
+    """A small checkpoint of the pair (None: pair.json's) and its swept thresholds, if any."""
+
+    checkpoint: str | None = None
+    tuned: dict | None = None
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.checkpoint is None else "@" + Path(self.checkpoint).stem
+
+    def variants(self) -> list[Variant]:
+        ckpt, s = self.checkpoint, self.suffix
+        out = [Variant(f"small{s}", "small", ckpt), Variant(f"bild-exact{s}", "bild", ckpt, exact=True),
+               Variant(f"bild-default{s}", "bild", ckpt)]
+        if self.tuned:
+            out.append(Variant(f"bild-tuned{s}", "bild", ckpt, **{t: self.tuned[t] for t in THRESHOLDS}))
+        return out
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    pair: Path
+    source: Path
+    reference: Path
+    small: tuple[SmallModel, ...] = (SmallModel(),)
+
+    def variants(self) -> list[Variant]:
+        return [Variant("stock", "stock"), Variant("big", "big"), *(v for s in self.small for v in s.variants())]
+
+
+def load_suites(path: Path) -> list[Suite]:
+    """Suites from a JSON file; relative paths are relative to the file. Format::
+
+        {"suites": [{"name": "deen", "pair": "../data/pairs/deen",
+                     "source": "...test.de.xz", "reference": "...test.en.xz",
+                     "small": [{"checkpoint": null, "tuned": {"fallback_threshold": 0.4,
+                                "rollback_threshold": 3, "max_small_steps": 10, "source": "..."}}]}]}
+    """
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        suites = []
+        for entry in raw["suites"]:
+            small = tuple(SmallModel(s.get("checkpoint"), s.get("tuned")) for s in entry.get("small", [{}]))
+            for s in small:
+                missing = [t for t in THRESHOLDS if s.tuned and t not in s.tuned]
+                if missing:
+                    raise MeasureError(f"suite {entry['name']!r}: tuned thresholds lack {missing}")
+            suites.append(Suite(entry["name"], *(path.parent / entry[k] for k in ("pair", "source", "reference")),
+                                small))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MeasureError(f"{path}: not a suites file ({type(e).__name__}: {e}); see `bild-jobs bench --help`") from None
+    names = [s.name for s in suites]
+    if len(set(names)) != len(names):
+        raise MeasureError(f"{path}: suite names must be unique, got {names}")
+    return suites
+
+
+def _rate(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def _row(v: Variant, batching: Batching, r: Result, results: dict[str, Result], scores: dict) -> dict:
+    """One table row: speed, ratios against stock and big at the same batching, quality, counters."""
+    seconds = r.median_seconds
+    row = {"batching": batching.name, "variant": v.name, "seconds": r.seconds, "median_seconds": seconds,
+           "sentences_per_second": len(r.tokens) / seconds, "tokens": r.token_count,
+           "tokens_per_second": r.token_count / seconds, "scores": scores}
+    for base in ("stock", "big"):
+        row[f"speedup_vs_{base}"] = results[base].median_seconds / seconds if base in results else None
+    if "stock" in results:
+        row["same_as_stock"] = sum(a.equal(b) for a, b in zip(r.tokens, results["stock"].tokens))
+    if v.mode == "bild":
+        s = r.stats
+        row.update(stats=s, fallback_rate=_rate(s["fallbacks"], s["small_steps"]),
+                   rollback_rate=_rate(s["rollbacks"], s["big_calls"]), big_token_share=s["big_token_share"])
+    return row
+
+
+def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int | None, device: str,
+              threads: int | None, memory: bool, echo) -> dict:
+    """Measure every variant of ``suite`` at every batching; the suite's JSON result."""
+    lines, refs = read_lines(suite.source, limit), read_lines(suite.reference, limit)
+    if len(lines) != len(refs):
+        raise MeasureError(f"{suite.source} has {len(lines)} lines but {suite.reference} has {len(refs)}")
+    variants = suite.variants()
+    models = PairModels(suite.pair, variants, device)
+    translators = {v.name: models.translator(v) for v in variants}
+    sources = encode(models.base, lines)
+    echo(f"[{suite.name}] {len(lines)} lines, {len(variants)} variants, {repeats} repeat(s)")
+    rows, signatures, first = [], {}, None
+    for batching in batchings:
+        started = time.monotonic()
+        results = measure(translators, sources, batching, repeats,
+                          lambda msg: echo(f"[{suite.name}] {msg} ({time.monotonic() - started:.0f} s)"))
+        first = first or results
+        for v in variants:
+            scores = score_task(models.spec.task, detokenize(models.base, results[v.name].tokens), refs)
+            signatures.update({s.name: s.signature for s in scores})
+            rows.append(_row(v, batching, results[v.name], results, {s.name: s.value for s in scores}))
+    tgt = models.base.task.target_dictionary
+    agreements = {s.checkpoint or models.spec.small: agreement(models.small[s.checkpoint], sources,
+                                                                 first["big"].tokens, tgt.pad(), tgt.eos())
+                  for s in suite.small}
+    if memory:
+        _add_peak_memory(suite, variants, lines, batchings, device, threads, rows, echo)
+    return {"name": suite.name, "pair": str(suite.pair), "task": models.spec.task, "source": str(suite.source),
+            "reference": str(suite.reference), "lines": len(lines), "pair_bild": models.spec.bild,
+            "variants": [{**asdict(v), "run_flags": v.run_flags(models.spec.bild),
+                          "generate_flags": v.generate_flags(models.spec.bild)} for v in variants],
+            "signatures": signatures, "agreement": agreements, "rows": rows}
+
+
+def _add_peak_memory(suite: Suite, variants: list[Variant], lines: list[str], batchings: list[Batching],
+                     device: str, threads: int | None, rows: list[dict], echo) -> None:
+    """Peak RSS per variant and batching, each variant in a fresh process, after all timing (so
+    they may run side by side: a process's resident set does not depend on its neighbours')."""
+    from jobs.peakmem import peak_memory
+
+    echo(f"[{suite.name}] peak memory of {len(variants)} variants, each in a fresh process")
+    plan = [(b.max_sentences, b.max_tokens) for b in batchings]
+    with tempfile.TemporaryDirectory(prefix="bild-bench-") as scratch, \
+            ThreadPoolExecutor(max_workers=min(len(variants), os.cpu_count() or 1)) as pool:
+        peaks = dict(zip((v.name for v in variants), pool.map(
+            lambda v: peak_memory(suite.pair, asdict(v), lines, plan, device, threads, Path(scratch) / v.name),
+            variants)))
+    for row in rows:
+        row["memory"] = peaks[row["variant"]][row["batching"]]
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import fairseq
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []
+    info = {"cpu": models[0] if models else platform.processor(), "logical_cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "fairseq": fairseq.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "load_average_start": list(os.getloadavg())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_benchmark(suites: list[Suite], batchings: list[Batching], repeats: int, limit: int | None, device: str,
+                  threads: int | None, memory: bool, command: str, echo) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.time()
+    info = machine()
+    results = [run_suite(s, batchings, repeats, limit, device, threads, memory, echo) for s in suites]
+    info["load_average_end"] = list(os.getloadavg())
+    return {"format": 1, "command": command, "wall_seconds": time.time() - started,
+            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "device": device,
+            "repeats": repeats, "limit": limit, "batchings": [b.name for b in batchings], "machine": info,
+            "suites": results}
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command with every option spelled out (defaults included): rerunning it repeats the run."""
+    words = ["bild-jobs", ctx.command.name]
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif param.is_flag and param.secondary_opts:
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        elif value is not None:
+            words += [x for v in (value if param.multiple else [value]) for x in (param.opts[0], str(v))]
+    return shlex.join(words)
+
+
+@click.command(name="bench", help=__doc__)
+@click.argument("suites_file", metavar="SUITES.json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/out"),
+              show_default=True, help="writes bench.json and bench.md here")
+@click.option("--suite", "only", multiple=True, help="run only this suite (repeatable) [all]")
+@click.option("--batch", "batch_texts", multiple=True, default=DEFAULT_BATCHINGS, show_default=True,
+              help="batching: sentences per batch (1, 16) or tokens:N (max padded source tokens); repeatable")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="timed passes over the test set per variant and batching (the median is reported)")
+@click.option("--limit", type=click.IntRange(min=1), help="use the first N lines of each test set [all]")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="peak RSS per variant, each in a fresh process, after the timing (one more pass each)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads [torch's default, OMP_NUM_THREADS]")
+@click.option("--update-markdown", type=click.Path(dir_okay=False, path_type=Path),
+              help="also rewrite the generated section of this file (e.g. BENCHMARKS.md)")
+def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tuple[str, ...], repeats: int,
+          limit: int | None, memory: bool, device: str, threads: int | None, update_markdown: Path | None) -> None:
+    from jobs.benchreport import render, update_section
+
+    try:
+        suites = load_suites(suites_file)
+        unknown = set(only) - {s.name for s in suites}
+        if unknown:
+            raise MeasureError(f"no suite named {sorted(unknown)} in {suites_file} (it has {[s.name for s in suites]})")
+        suites = [s for s in suites if not only or s.name in only]
+        batchings = [Batching.parse(b) for b in batch_texts]
+        command = command_line(click.get_current_context())
+        result = run_benchmark(suites, batchings, repeats, limit, device, threads, memory, command,
+                               lambda m: click.echo(m, err=True))
+    except MeasureError as e:
+        raise click.ClickException(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    markdown = render(result)
+    (out / "bench.md").write_text(markdown, encoding="utf-8")
+    if update_markdown:
+        update_section(update_markdown, markdown)
+    click.echo(markdown)
+    click.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", err=True)
+
+
+if __name__ == "__main__":
+    bench()

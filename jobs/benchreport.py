@@ -1,0 +1,91 @@
+"""The benchmark's JSON as markdown: run description, one table per suite, agreement, targets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.targets import check
+
+BEGIN = "<!-- bild-jobs bench: generated section, begin -->"
+END = "<!-- bild-jobs bench: generated section, end -->"
+QUALITY_COLUMNS = {"translation": ["BLEU", "chrF"], "summarization": ["ROUGE-1", "ROUGE-2", "ROUGE-L"]}
+
+
+def _num(value: float | None, fmt: str = ".2f", suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _pct(value: float | None) -> str:
+    return _num(None if value is None else 100 * value, ".1f", "%")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _run_description(result: dict) -> list[str]:
+    m = result["machine"]
+    load = f"{m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end"
+    return [
+        f"- command: `{result['command']}`",
+        f"- started {result['started']}, {result['wall_seconds'] / 60:.1f} min in all; device `{result['device']}`; "
+        f"time = median of {result['repeats']} interleaved repeat(s) (min–max in brackets)",
+        f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f"; torch {m['torch']}, fairseq {m['fairseq']}, Python {m['python']}; {m['platform']}",
+        f"- 1-minute load average: {load}",
+    ]
+
+
+def _suite_table(suite: dict) -> list[str]:
+    quality = QUALITY_COLUMNS[suite["task"]]
+    header = ["batching", "variant", "time (s)", "sent/s", "tok/s", "× stock", "× big", *quality, "= stock",
+              "fallback", "rollback", "big tokens", "peak RSS (MiB)"]
+    rows = []
+    for r in suite["rows"]:
+        memory = r.get("memory")
+        rows.append([
+            r["batching"], r["variant"], f"{r['median_seconds']:.2f} ({min(r['seconds']):.2f}–{max(r['seconds']):.2f})",
+            f"{r['sentences_per_second']:.1f}", f"{r['tokens_per_second']:.0f}",
+            _num(r["speedup_vs_stock"]), _num(r["speedup_vs_big"]), *(f"{r['scores'][q]:.2f}" for q in quality),
+            f"{r['same_as_stock']}/{suite['lines']}" if "same_as_stock" in r else "—",
+            _pct(r.get("fallback_rate")), _pct(r.get("rollback_rate")), _pct(r.get("big_token_share")),
+            f"{memory['peak_rss_mib']:.0f}" if memory else "—",
+        ])
+    return _table(header, rows)
+
+
+def render_suite(suite: dict) -> list[str]:
+    out = [f"### {suite['name']} ({suite['task']}): {suite['lines']} lines of `{Path(suite['source']).name}`, "
+           f"pair `{suite['pair']}`", "", *_suite_table(suite), ""]
+    out.append("Small-model agreement with the big model (share of the big model's greedy output tokens that "
+               "are also the small model's argmax, same source and prefix): "
+               + ", ".join(f"`{name}` {100 * a:.1f}%" for name, a in suite["agreement"].items()) + ".")
+    out += ["", "Variants (`bild-jobs run` flags; pair.json: "
+            + ", ".join(f"{k} {v}" for k, v in suite["pair_bild"].items()) + "):", ""]
+    out += _table(["variant", "flags"], [[v["name"], "`" + " ".join(v["run_flags"]) + "`"] for v in suite["variants"]
+                                         if v["mode"] != "stock"])
+    out += ["", "Targets:", ""]
+    mark = {True: "met", False: "**MISSED**", None: "not measured"}
+    out += _table(["target", "variant", "measured", ""],
+                  [[t["target"], t["variant"], t["measured"], mark[t["passed"]]] for t in check(suite)])
+    return out + [""]
+
+
+def render(result: dict) -> str:
+    lines = _run_description(result) + [""]
+    for suite in result["suites"]:
+        lines += render_suite(suite)
+    return "\n".join(lines)
+
+
+def update_section(path: Path, markdown: str) -> None:
+    """Put ``markdown`` between the generated-section markers of ``path`` (appended if absent),
+    keeping everything written by hand around it."""
+    block = f"{BEGIN}\n{markdown.rstrip()}\n{END}"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    path.write_text(text, encoding="utf-8")

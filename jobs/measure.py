@@ -1,0 +1,260 @@
+"""Timed decoding of several decoding variants on identical batches: what the benchmark, the
+threshold sweep and the distillation report are all made of.
+
+Every variant of a pair shares one copy of each model, so a 30-point sweep loads two models,
+not sixty, and all variants decode with the very same weights. Only the generator's own work is
+timed (``generator.generate`` on a collated batch, as fairseq-generate's own timer does): Moses
+tokenization, BPE and detokenization are the same for every variant and are done once, untimed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from statistics import median
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from bild_fairseq.api import PairTranslator, _length_batches
+from bild_fairseq.pairdir import PairSpec
+from bild_fairseq.stats import BildStats
+
+MODES = ("stock", "big", "small", "bild")
+THRESHOLDS = ("fallback_threshold", "rollback_threshold", "max_small_steps")
+
+
+class MeasureError(ValueError):
+    """A variant, batching or input the measurement cannot run (the message says which)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to decode with a pair: ``stock`` is fairseq's own SequenceGenerator(beam_size=1)
+    with the big model, ``big``/``small`` the project's greedy loop with one model, ``bild`` BiLD.
+    Thresholds left None are the pair's (pair.json)."""
+
+    name: str
+    mode: str
+    small_checkpoint: str | None = None
+    exact: bool = False
+    fallback_threshold: float | None = None
+    rollback_threshold: float | None = None
+    max_small_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise MeasureError(f"variant {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode != "bild" and (self.exact or any(getattr(self, t) is not None for t in THRESHOLDS)):
+            raise MeasureError(f"variant {self.name!r}: thresholds and exact apply to mode 'bild' only")
+        if self.mode in ("stock", "big") and self.small_checkpoint is not None:
+            raise MeasureError(f"variant {self.name!r}: mode {self.mode!r} uses no small model")
+
+    @property
+    def uses_big(self) -> bool:
+        return self.mode != "small"
+
+    @property
+    def uses_small(self) -> bool:
+        return self.mode in ("small", "bild")
+
+    def run_flags(self, pair_bild: dict) -> list[str]:
+        """The ``bild-jobs run`` options that decode like this variant (thresholds spelled out)."""
+        if self.mode in ("stock", "big"):
+            return ["--big-only"]
+        small = ["--small-checkpoint", self.small_checkpoint] if self.small_checkpoint else []
+        if self.mode == "small":
+            return ["--small-only", *small]
+        if self.exact:
+            return [*small, "--bild-exact"]
+        values = self.thresholds(pair_bild)
+        return [*small, *(x for t in THRESHOLDS for x in (f"--{t.replace('_', '-')}", _fmt(values[t])))]
+
+    def generate_flags(self, pair_bild: dict) -> list[str]:
+        """The stock ``fairseq-generate --user-dir bild_fairseq`` options of this variant."""
+        if self.mode != "bild":
+            return ["--beam", "1"]
+        if self.exact:
+            return ["--bild", "--bild-exact", "--beam", "1"]
+        values = self.thresholds(pair_bild)
+        return ["--bild", *(x for t in THRESHOLDS for x in (f"--bild-{t.replace('_', '-')}", _fmt(values[t]))),
+                "--beam", "1"]
+
+    def thresholds(self, pair_bild: dict) -> dict:
+        """The thresholds in effect: the variant's, else the pair's."""
+        return {t: getattr(self, t) if getattr(self, t) is not None else pair_bild.get(t) for t in THRESHOLDS}
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How lines are batched, exactly as :meth:`PairTranslator.translate` batches them."""
+
+    max_sentences: int | None
+    max_tokens: int
+
+    def __post_init__(self) -> None:
+        if (self.max_sentences is not None and self.max_sentences < 1) or self.max_tokens < 1:
+            raise MeasureError(f"batch sizes must be >= 1, got {self.max_sentences} sentences, {self.max_tokens} tokens")
+
+    @property
+    def name(self) -> str:
+        return f"batch {self.max_sentences}" if self.max_sentences else f"max-tokens {self.max_tokens}"
+
+    @classmethod
+    def parse(cls, text: str, max_tokens: int = 1_000_000) -> "Batching":
+        """``"16"``: 16 sentences per batch; ``"tokens:4096"``: up to 4096 padded source tokens."""
+        tokens = text.startswith("tokens:")
+        try:
+            number = int(text[len("tokens:"):] if tokens else text)
+        except ValueError:
+            raise MeasureError(f"batching {text!r}: expected a batch size such as 16, or tokens:4096") from None
+        return cls(None, number) if tokens else cls(number, max_tokens)
+
+
+class PairModels:
+    """A pair directory's models, loaded once, and a translator per variant that shares them."""
+
+    def __init__(self, pair_dir: str | Path, variants: Sequence[Variant], device: str = "cpu"):
+        smalls = list(dict.fromkeys(v.small_checkpoint for v in variants if v.uses_small))
+        first = "big" if any(v.uses_big for v in variants) else "small"
+        self.base = PairTranslator.from_pair_dir(pair_dir, mode=first, device=device,
+                                                 small_checkpoint=smalls[0] if first == "small" else None)
+        self.big = self.base.generator.model.single_model if first == "big" else None
+        self.small: dict[str | None, torch.nn.Module] = {}
+        for name in smalls:
+            loaded = self.base if first == "small" and name == smalls[0] else \
+                PairTranslator.from_pair_dir(pair_dir, mode="small", small_checkpoint=name, device=device)
+            self.small[name] = loaded.generator.model.single_model
+            self.base = replace(self.base, max_source_tokens=min(self.base.max_source_tokens, loaded.max_source_tokens))
+
+    @property
+    def spec(self) -> PairSpec:
+        return self.base.spec
+
+    def translator(self, v: Variant) -> PairTranslator:
+        """A translator decoding like ``v``, built on the shared models."""
+        from fairseq.sequence_generator import SequenceGenerator
+
+        from bild_fairseq.generator import BildSequenceGenerator
+
+        tgt = self.base.task.target_dictionary
+        gen = {k: self.base.settings[k] for k in ("max_len_a", "max_len_b")}
+        if v.mode == "stock":
+            generator = SequenceGenerator([self.big], tgt, beam_size=1, **gen)
+        elif v.mode == "big":
+            generator = BildSequenceGenerator([self.big], tgt, beam_size=1, **gen)
+        elif v.mode == "small":
+            generator = BildSequenceGenerator([self.small[v.small_checkpoint]], tgt, beam_size=1, **gen)
+        else:
+            thresholds = v.thresholds(self.spec.bild)
+            generator = BildSequenceGenerator([self.big], tgt, small_model=self.small[v.small_checkpoint],
+                                              exact=v.exact, beam_size=1, **gen,
+                                              **{k: x for k, x in thresholds.items() if x is not None})
+        settings = {**self.base.settings, "variant": asdict(v)}
+        return replace(self.base, generator=generator, settings=settings)
+
+
+def read_lines(path: Path, limit: int | None = None) -> list[str]:
+    """The first ``limit`` lines (all if None) of a plain, gzip or xz text file."""
+    from jobs.shards import decode_line, iter_lines
+
+    return [decode_line(raw)[0] for raw in iter_lines(Path(path), 0, limit)]
+
+
+def encode(translator: PairTranslator, lines: Sequence[str]) -> list[torch.Tensor]:
+    """Source token ids of every line, as ``translate`` makes them (models' length limit included)."""
+    pipeline = translator.spec.text_pipeline()
+    src_dict = translator.task.source_dictionary
+    sources = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            raise MeasureError(f"input line {i + 1} is empty: benchmark on lines that all have text")
+        ids = src_dict.encode_line(pipeline.encode(line), add_if_not_exist=False, append_eos=True).long()
+        if ids.numel() > translator.max_source_tokens:
+            ids = torch.cat([ids[: translator.max_source_tokens - 1], ids[-1:]])
+        sources.append(ids)
+    return sources
+
+
+def plan_batches(sources: Sequence[torch.Tensor], batching: Batching) -> list[list[int]]:
+    """Line indices of each batch: the API's own length-sorted batching."""
+    items = list(enumerate(sources))
+    return [[i for i, _ in batch] for batch in _length_batches(items, batching.max_tokens, batching.max_sentences)]
+
+
+def generate(translator: PairTranslator, sources: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """Decode one batch: seconds spent in the generator, and each line's output token ids."""
+    synchronize = torch.cuda.synchronize if translator.device.startswith("cuda") else (lambda: None)
+    synchronize()
+    t0 = time.perf_counter()
+    hypos = translator._generate(list(sources))  # the exact call translate() makes per batch
+    synchronize()
+    return time.perf_counter() - t0, [h["tokens"].cpu() for h in hypos]
+
+
+def stats_of(translator: PairTranslator) -> BildStats | None:
+    stats = getattr(translator.generator, "stats", None)
+    return BildStats(**vars(stats)) if stats is not None else None
+
+
+@dataclass
+class Result:
+    """One variant at one batching: seconds per repeat, and the first repeat's outputs."""
+
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[torch.Tensor | None] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # BiLD counters of one pass ({} for stock)
+
+    @property
+    def median_seconds(self) -> float:
+        return median(self.seconds)
+
+    @property
+    def token_count(self) -> int:
+        return sum(t.numel() for t in self.tokens)
+
+
+def measure(translators: dict[str, PairTranslator], sources: Sequence[torch.Tensor], batching: Batching,
+            repeats: int, progress: Callable[[str], None] = lambda _: None) -> dict[str, Result]:
+    """Decode every batch with every variant, ``repeats`` times, interleaved batch by batch in a
+    rotating order, so that load changes on the machine hit all variants alike. One untimed
+    batch per variant first, so lazy initialisation is not billed to whoever runs first."""
+    if repeats < 1:
+        raise MeasureError(f"repeats must be >= 1, got {repeats}")
+    if not sources:
+        raise MeasureError("no input lines to decode")
+    names = list(translators)
+    batches = plan_batches(sources, batching)
+    for name in names:
+        generate(translators[name], [sources[i] for i in batches[0]])
+    before = {n: stats_of(t) for n, t in translators.items()}
+    results = {n: Result(tokens=[None] * len(sources)) for n in names}
+    for r in range(repeats):
+        elapsed = dict.fromkeys(names, 0.0)
+        for b, batch in enumerate(batches):
+            shift = (r + b) % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds, tokens = generate(translators[name], [sources[i] for i in batch])
+                elapsed[name] += seconds
+                if r == 0:
+                    for i, t in zip(batch, tokens):
+                        results[name].tokens[i] = t
+        for name in names:
+            results[name].seconds.append(elapsed[name])
+            after = stats_of(translators[name])
+            if r == 0 and after is not None:  # the counters of exactly one pass
+                results[name].stats = BildStats(**{k: v - getattr(before[name], k)
+                                                   for k, v in vars(after).items()}).to_dict()
+        progress(f"{batching.name}: repeat {r + 1}/{repeats} done")
+    return results
+
+
+def detokenize(translator: PairTranslator, tokens: Iterable[torch.Tensor]) -> list[str]:
+    """Output token ids -> raw text, as ``translate`` returns it."""
+    pipeline = translator.spec.text_pipeline()
+    tgt = translator.task.target_dictionary
+    return [pipeline.decode(tgt.string(t.int())) for t in tokens]

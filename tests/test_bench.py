@@ -1,0 +1,119 @@
+"""``bild-jobs bench`` on a tiny random pair: every variant and batching measured, every column
+filled, exact mode and the big-only loop equal to stock fairseq. Speed numbers are not asserted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from bench_fixtures import CORPORA, write_lines
+from jobs.agreement import agreement
+from jobs.bench import bench
+from jobs.benchreport import BEGIN, END, update_section
+from jobs.measure import Batching, MeasureError, PairModels, Variant, encode, measure
+from jobs_fixtures import real_lines
+
+pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
+N_LINES = 10
+VARIANTS = ["stock", "big", "small", "bild-exact", "bild-default", "bild-tuned"]
+BATCHINGS = ["batch 1", "batch 4", "max-tokens 120"]
+
+
+@pytest.fixture(scope="module")
+def run(active_pair, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    suites = d / "suites.json"
+    suites.write_text(json.dumps({"suites": [{
+        "name": "tiny", "pair": str(active_pair),
+        "source": str(write_lines(d / "src.de", "lohelp.de-en.test.de.xz", N_LINES)),
+        "reference": str(write_lines(d / "ref.en", "lohelp.de-en.test.en.xz", N_LINES)),
+        "small": [{"checkpoint": None, "tuned": {"fallback_threshold": 0.0, "rollback_threshold": 3.0,
+                                                 "max_small_steps": 6}}]}]}))
+    (d / "BENCHMARKS.md").write_text("# Benchmarks\n\nanalysis written by hand\n")
+    out = CliRunner().invoke(bench, [str(suites), "--out", str(d / "out"), "--repeats", "2",
+                                                     "--batch", "1", "--batch", "4", "--batch", "tokens:120",
+                                                     "--update-markdown", str(d / "BENCHMARKS.md")])
+    assert out.exit_code == 0, out.output + out.stderr + repr(out.exception)
+    return d, json.loads((d / "out" / "bench.json").read_text()), out.stdout
+
+
+def test_every_variant_and_batching_is_measured(run):
+    _, result, _ = run
+    suite = result["suites"][0]
+    assert result["repeats"] == 2 and result["machine"]["logical_cpus"] >= 1 and suite["lines"] == N_LINES
+    assert [(r["batching"], r["variant"]) for r in suite["rows"]] == [(b, v) for b in BATCHINGS for v in VARIANTS]
+    for r in suite["rows"]:
+        assert len(r["seconds"]) == 2 and min(r["seconds"]) <= r["median_seconds"] <= max(r["seconds"])
+        assert r["tokens"] >= N_LINES and r["tokens_per_second"] > r["sentences_per_second"] > 0
+        assert set(r["scores"]) == {"BLEU", "chrF"}
+        assert r["memory"]["peak_rss_mib"] >= r["memory"]["loaded_rss_mib"] > 50
+        if r["variant"] == "stock":
+            assert r["speedup_vs_stock"] == 1.0
+    tuned = next(r for r in suite["rows"] if r["variant"] == "bild-tuned")
+    assert tuned["stats"]["small_tokens"] > 0 and tuned["stats"]["rollbacks"] > 0
+    assert 0 < tuned["big_token_share"] < 1 and 0 <= tuned["fallback_rate"] <= 1 and 0 < tuned["rollback_rate"] <= 1
+    assert 0 <= suite["agreement"]["small.pt"] <= 1
+
+
+def test_exact_mode_and_big_loop_output_equals_stock_fairseq(run):
+    _, result, _ = run
+    suite = result["suites"][0]
+    for r in suite["rows"]:
+        if r["variant"] in ("big", "bild-exact"):
+            assert r["same_as_stock"] == N_LINES, r
+    exact = next(r for r in suite["rows"] if r["variant"] == "bild-exact")
+    assert exact["stats"]["small_tokens"] > 0  # the small model really contributed
+
+
+def test_markdown_has_every_column_and_the_targets(run):
+    d, result, stdout = run
+    md = (d / "out" / "bench.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| batching"))
+    for column in ["time (s)", "sent/s", "tok/s", "× stock", "× big", "BLEU", "chrF", "= stock", "fallback",
+                   "rollback", "big tokens", "peak RSS (MiB)"]:
+        assert f" {column} |" in header
+    rows = [line for line in md.splitlines() if line.startswith("| batch ") or line.startswith("| max-tokens")]
+    assert len(rows) == len(BATCHINGS) * len(VARIANTS) and all("—" not in r.split("|")[-2] for r in rows)
+    assert "output identical to stock, every batching | bild-exact | 10/10 lines | met" in md
+    assert md in stdout and "`bild-jobs run` flags" in md and "--fallback-threshold 0 --rollback-threshold 3" in md
+    assert "--repeats 2" in result["command"] and "suites.json" in result["command"]
+    page = (d / "BENCHMARKS.md").read_text()
+    assert page.startswith("# Benchmarks\n\nanalysis written by hand\n") and md.strip() in page
+
+
+def test_update_section_replaces_only_the_generated_block(tmp_path):
+    page = tmp_path / "B.md"
+    update_section(page, "first")
+    page.write_text("intro\n" + page.read_text() + "outro\n")
+    update_section(page, "second")
+    assert page.read_text() == f"intro\n{BEGIN}\nsecond\n{END}\noutro\n"
+
+
+def test_agreement_of_the_big_model_with_its_own_output_is_total(active_pair):
+    models = PairModels(active_pair, [Variant("big", "big"), Variant("small", "small")])
+    big = models.translator(Variant("big", "big"))
+    lines = [line.decode() for line in real_lines(CORPORA / "lohelp.de-en.test.de.xz", 12)]
+    sources = encode(big, lines)
+    outputs = measure({"big": big}, sources, Batching(4, 10_000), 1)["big"].tokens
+    tgt = big.task.target_dictionary
+    forced = sum(o.numel() > big.settings["max_len_b"] for o in outputs)  # EOS forced at max length
+    assert agreement(models.big, sources, outputs, tgt.pad(), tgt.eos()) == pytest.approx(1.0, abs=forced / 100 + 1e-6)
+    assert agreement(models.small[None], sources, outputs, tgt.pad(), tgt.eos()) < 0.5
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda: Variant("y", "big", fallback_threshold=0.5), "mode 'bild' only"),
+    (lambda: Batching.parse("many"), "expected a batch size"),
+    (lambda: Variant("x", "beam"), "mode must be one of"),
+])
+def test_bad_variants_and_batchings_are_refused(bad, message):
+    with pytest.raises(MeasureError, match=message):
+        bad()
+
+
+def test_bench_refuses_an_unknown_suite(tmp_path):
+    suites = tmp_path / "s.json"
+    suites.write_text(json.dumps({"suites": [{"name": "a", "pair": ".", "source": "x", "reference": "y"}]}))
+    out = CliRunner().invoke(bench, [str(suites), "--suite", "b"])
+    assert out.exit_code != 0 and "no suite named ['b']" in out.stderr

@@ -1,0 +1,158 @@
+"""``bild-jobs sweep``: pick BiLD's thresholds on a dev set, from measured speed and quality.
+
+    bild-jobs sweep --pair data/pairs/deen --input data/corpora/lohelp.de-en.valid.de.xz \\
+        --ref data/corpora/lohelp.de-en.valid.en.xz --limit 200 --max-quality-drop 0.5 --out sweep-deen
+
+Decodes the dev lines with the big model alone, the small model alone, BiLD exact mode and BiLD
+at every (fallback, rollback, max-small-steps) grid point, interleaved on identical batches (see
+jobs.measure), then writes points.csv/points.json, sweep.png (quality vs speedup, Pareto frontier)
+and recommendation.json, and prints the flags of the fastest setting within the quality budget.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import shlex
+from pathlib import Path
+
+import click
+
+from bild_fairseq.scoring import score_task
+from jobs.measure import THRESHOLDS, Batching, MeasureError, PairModels, Variant, detokenize, encode, measure, \
+    read_lines
+from jobs.pareto import Point, frontier, plot, recommend
+from jobs.targets import QUALITY
+
+def grid(fallbacks: list[float], rollbacks: list[float], steps: list[int], small: str | None) -> list[Variant]:
+    """The baselines, exact mode, and BiLD at every threshold combination."""
+    points = [Variant("big", "big"), Variant("small", "small", small), Variant("exact", "bild", small, exact=True)]
+    for f, r, s in itertools.product(fallbacks, rollbacks, steps):
+        points.append(Variant(f"fb{f:g}-rb{r:g}-s{s}", "bild", small, fallback_threshold=f, rollback_threshold=r,
+                              max_small_steps=s))
+    return points
+
+
+def _kind(v: Variant) -> str:
+    return "exact" if v.exact else v.mode
+
+
+def sweep(pair: Path, source: Path, ref: Path, variants: list[Variant], batching: Batching, repeats: int,
+          limit: int | None, metric: str | None, device: str, echo) -> dict:
+    """Measure every variant; the points with their speed, quality and BiLD counters."""
+    lines, refs = read_lines(source, limit), read_lines(ref, limit)
+    if len(lines) != len(refs):
+        raise MeasureError(f"{source} has {len(lines)} lines but {ref} has {len(refs)}")
+    models = PairModels(pair, variants, device)
+    metric = metric or QUALITY[models.spec.task]
+    translators = {v.name: models.translator(v) for v in variants}
+    echo(f"sweep: {len(variants)} points on {len(lines)} lines, {batching.name}, {repeats} repeat(s)")
+    results = measure(translators, encode(models.base, lines), batching, repeats, echo)
+    big_seconds = results["big"].median_seconds
+    rows = []
+    for v in variants:
+        r = results[v.name]
+        scores = {s.name: s.value for s in score_task(models.spec.task, detokenize(models.base, r.tokens), refs)}
+        if metric not in scores:
+            raise MeasureError(f"--metric {metric}: the {models.spec.task} metrics are {sorted(scores)}")
+        s = r.stats if v.mode == "bild" else {}
+        thresholds = v.thresholds(models.spec.bild) if _kind(v) == "bild" else dict.fromkeys(THRESHOLDS)
+        rows.append({"name": v.name, "kind": _kind(v), **thresholds,
+                     "seconds": r.median_seconds, "speedup": big_seconds / r.median_seconds,
+                     "quality": scores[metric], **scores,
+                     "fallback_rate": s["fallbacks"] / s["small_steps"] if s.get("small_steps") else None,
+                     "rollback_rate": s["rollbacks"] / s["big_calls"] if s.get("big_calls") else None,
+                     "big_token_share": s.get("big_token_share"),
+                     "run_flags": " ".join(v.run_flags(models.spec.bild)),
+                     "generate_flags": " ".join(v.generate_flags(models.spec.bild))})
+    small = next(v.small_checkpoint for v in variants if v.mode == "small") or models.spec.small
+    return {"pair": str(pair), "task": models.spec.task, "source": str(source), "reference": str(ref),
+            "lines": len(lines), "batching": batching.name, "repeats": repeats, "metric": metric,
+            "models": {"big": str(models.spec.model_path("big")), "small": str(models.spec.model_path(small))},
+            "points": rows}
+
+
+def decide(result: dict, max_drop: float) -> dict:
+    """Mark the frontier and the recommendation on ``result``'s points; the recommendation."""
+    points = {p["name"]: Point(p["name"], p["kind"], p["speedup"], p["quality"]) for p in result["points"]}
+    front = {p.name for p in frontier(list(points.values()))}
+    big_quality = points["big"].quality
+    best = recommend(list(points.values()), big_quality, max_drop)
+    for p in result["points"]:
+        p["pareto"], p["recommended"] = p["name"] in front, p["name"] == best.name
+    chosen = next(p for p in result["points"] if p["name"] == best.name)
+    big, small = result["models"]["big"], result["models"]["small"]
+    models = {"big": ["--path", big], "small": ["--path", small]}.get(
+        chosen["kind"], ["--user-dir", "bild_fairseq", "--path", big, "--bild-small-path", small])
+    return {"point": chosen["name"], "kind": chosen["kind"], "speedup": chosen["speedup"],
+            "quality": chosen["quality"], "big_quality": big_quality, "metric": result["metric"],
+            "max_quality_drop": max_drop,
+            "run_command": f"bild-jobs run INPUT --pair {result['pair']} -o OUTPUT {chosen['run_flags']}",
+            "generate_command": shlex.join(["fairseq-generate", "DATA", *models, *chosen["generate_flags"].split()]),
+            # paste into a benchmark suite's "tuned" (bild-jobs bench)
+            "tuned": {t: chosen[t] for t in THRESHOLDS} if chosen["kind"] == "bild" else None}
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [k for k in result["points"][0] if k not in ("run_flags", "generate_flags")] + ["run_flags"]
+    with open(out / "points.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result["points"])
+    (out / "points.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    rec = result["recommendation"]
+    (out / "recommendation.json").write_text(json.dumps(rec, indent=1) + "\n", encoding="utf-8")
+    points = [Point(p["name"], p["kind"], p["speedup"], p["quality"]) for p in result["points"]]
+    chosen = next(p for p in points if p.name == rec["point"])
+    plot(points, chosen, rec["big_quality"], rec["max_quality_drop"], result["metric"],
+         f"{Path(result['pair']).name}: {result['lines']} lines of {Path(result['source']).name}, {result['batching']}",
+         out / "sweep.png")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@click.command(name="sweep", help=__doc__)
+@click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--input", "source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="dev source lines (plain, .gz or .xz); never the test set")
+@click.option("--ref", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="dev references, line-aligned with --input")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--fallback", default="0.3,0.5,0.7,0.9", show_default=True, help="fallback thresholds (comma-separated)")
+@click.option("--rollback", default="1,2,3,5", show_default=True, help="rollback thresholds (comma-separated)")
+@click.option("--max-small-steps", "steps", default="10", show_default=True, help="max small steps (comma-separated)")
+@click.option("--max-quality-drop", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="quality budget: the recommendation loses at most this much of the big model's score")
+@click.option("--metric", help="BLEU, chrF, ROUGE-1, ROUGE-2 or ROUGE-L [BLEU for translation, ROUGE-L for summarization]")
+@click.option("--small-checkpoint", help="small model file in the pair directory [pair.json's]")
+@click.option("--batch", "batch_text", default="1", show_default=True, help="sentences per batch, or tokens:N")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="use the first N dev lines [all]")
+@click.option("--device", default="cpu", show_default=True)
+def sweep_command(pair_dir: Path, source: Path, ref: Path, out: Path, fallback: str, rollback: str, steps: str,
+                  max_quality_drop: float, metric: str | None, small_checkpoint: str | None, batch_text: str,
+                  repeats: int, limit: int | None, device: str) -> None:
+    try:
+        step_values = [int(s) for s in _floats(steps)]
+        variants = grid(_floats(fallback), _floats(rollback), step_values, small_checkpoint)
+        result = sweep(pair_dir, source, ref, variants, Batching.parse(batch_text), repeats, limit, metric, device,
+                       lambda m: click.echo(m, err=True))
+    except MeasureError as e:
+        raise click.ClickException(str(e)) from None
+    result["recommendation"] = rec = decide(result, max_quality_drop)
+    write(result, out)
+    click.echo(f"wrote {out / 'points.csv'}, {out / 'sweep.png'}, {out / 'recommendation.json'}")
+    click.echo(f"recommended: {rec['point']}: {rec['speedup']:.2f}x the big model's greedy speed, "
+               f"{rec['metric']} {rec['quality']:.2f} (big {rec['big_quality']:.2f}, budget -{max_quality_drop:g})")
+    click.echo(f"  {rec['run_command']}")
+    click.echo(f"  {rec['generate_command']}")
+
+
+if __name__ == "__main__":
+    sweep_command()

@@ -1,0 +1,231 @@
+"""``bild-jobs distill``: align the small model with the big one (sequence-level distillation).
+
+BiLD is fast when the small model agrees with the big one: fewer fallbacks and rollbacks. The
+paper fine-tunes the small model on the big model's own outputs. One command does it all:
+
+  1. the big model decodes the training sources greedily, through ``bild-jobs run --big-only``
+     (sharded and resumable like any run: rerunning this command picks up where it stopped);
+  2. ``fairseq-train`` fine-tunes the small model on (source, big output), starting from the
+     pair's small checkpoint, with the same architecture and dictionaries;
+  3. the aligned model is compared with the pair's small model on the dev set in the format of
+     ``bild-jobs bench``: agreement with the big model, fallback/rollback rates, BiLD speedup.
+
+    bild-jobs distill --pair data/pairs/deen --train-source data/corpora/lohelp.de-en.train.de.xz \\
+        --dev-source data/corpora/lohelp.de-en.valid.de.xz --dev-ref data/corpora/lohelp.de-en.valid.en.xz \\
+        --workdir data/work/deen-distill [--limit 20000] [--max-update 2000] [--install]
+
+Writes WORKDIR/small-aligned.pt, WORKDIR/report.{json,md}; --install copies the model into the
+pair directory (use it with --small-checkpoint small-aligned.pt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+
+import bild_fairseq
+from bild_fairseq.checkpoints import export_for_inference
+from bild_fairseq.pairdir import PairDirError, PairSpec
+from jobs.bench import SmallModel, Suite, run_suite
+from jobs.benchreport import render_suite
+from jobs.measure import Batching, MeasureError, read_lines
+from jobs.worker import resolve_device
+
+PLUGIN_DIR = Path(bild_fairseq.__file__).resolve().parent
+FINETUNE = ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr-scheduler", "inverse_sqrt",
+            "--warmup-init-lr", "1e-07", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--no-epoch-checkpoints", "--keep-interval-updates", "1", "--no-progress-bar", "--log-interval", "50",
+            "--num-workers", "0", "--seed", "1", "--max-epoch", "1000"]
+
+
+class DistillError(RuntimeError):
+    """A step of the distillation failed; the message names the step and its log."""
+
+
+def teacher_outputs(spec: PairSpec, source: Path, limit: int | None, workdir: Path, workers: int | None,
+                    device: str) -> tuple[Path, Path]:
+    """Step 1: the big model's greedy outputs for ``source`` (or its first ``limit`` lines), via
+    the batch runner; returns the source file it decoded and the output file."""
+    from jobs.cli import run as run_command
+
+    if limit is not None:
+        head = workdir / "train.source"
+        head.write_text("".join(line + "\n" for line in read_lines(source, limit)), encoding="utf-8")
+        source = head
+    output = workdir / "teacher.out"
+    args = [str(source), "--pair", str(spec.directory), "--output", str(output), "--workdir",
+            str(workdir / "teacher.work"), "--big-only", "--executor", "local", "--device", device, "--no-progress"]
+    run_command.main(args + (["--workers", str(workers)] if workers else []), standalone_mode=False)
+    return source, output
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def binarize(spec: PairSpec, train: tuple[list[str], list[str]], valid: tuple[list[str], list[str]],
+             workdir: Path) -> Path:
+    """Step 2a: tokenize + BPE like the pair's training data, binarize with the pair's dictionaries.
+    Pairs with an empty side (an empty input line) are left out."""
+    pipeline = spec.text_pipeline()
+    bpe_dir, bin_dir = workdir / "bpe", workdir / "bin"
+    bpe_dir.mkdir(parents=True, exist_ok=True)
+    for split, (sources, targets) in (("train", train), ("valid", valid)):
+        kept = [(s, t) for s, t in zip(sources, targets) if s.strip() and t.strip()]
+        if not kept:
+            raise DistillError(f"no {split} pairs left with text on both sides")
+        _write(bpe_dir / f"{split}.{spec.source_lang}", [pipeline.encode(s) for s, _ in kept])
+        _write(bpe_dir / f"{split}.{spec.target_lang}", [pipeline.encode(t, target=True) for _, t in kept])
+    shutil.rmtree(bin_dir, ignore_errors=True)
+    _run(["fairseq-preprocess", "--source-lang", spec.source_lang, "--target-lang", spec.target_lang,
+          "--trainpref", str(bpe_dir / "train"), "--validpref", str(bpe_dir / "valid"), "--destdir", str(bin_dir),
+          "--srcdict", str(spec.directory / f"dict.{spec.source_lang}.txt"),
+          "--tgtdict", str(spec.directory / f"dict.{spec.target_lang}.txt"), "--workers", "1"],
+         workdir / "preprocess.log", "fairseq-preprocess")
+    return bin_dir
+
+
+def model_flags(checkpoint: Path) -> list[str]:
+    """The ``fairseq-train`` options that rebuild ``checkpoint``'s architecture exactly (read
+    from the checkpoint's own model config, through the architecture's own argument parser)."""
+    import torch
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    cfg = torch.load(checkpoint, map_location="cpu")["cfg"]["model"]  # weights-only, fairseq allow-list
+    model = vars(cfg) if isinstance(cfg, argparse.Namespace) else dict(cfg)
+    arch = model.get("arch") or model.get("_name")
+    if arch not in ARCH_MODEL_REGISTRY:
+        raise DistillError(f"{checkpoint}: unknown architecture {arch!r}")
+    parser = argparse.ArgumentParser()
+    ARCH_MODEL_REGISTRY[arch].add_args(parser)
+    flags = ["--arch", arch]
+    for action in parser._actions:
+        value = model.get(action.dest)
+        if not action.option_strings or value is None or action.dest == "help":
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            flags += [action.option_strings[0]] if value else []
+        else:
+            flags += [action.option_strings[0], str(value)]
+    return flags
+
+
+def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options: list[str], threads: int | None) -> Path:
+    """Step 2b: fine-tune ``small`` on the distilled data; returns the best checkpoint. Rerun with
+    the same work directory, fairseq resumes from its checkpoint_last.pt."""
+    save_dir = workdir / "ckpt"
+    cmd = ["fairseq-train", str(bin_dir), "--task", "translation", "--source-lang", spec.source_lang,
+           "--target-lang", spec.target_lang, *model_flags(small), "--finetune-from-model", str(small.resolve()),
+           "--user-dir", str(PLUGIN_DIR), "--save-dir", str(save_dir), *FINETUNE, *options]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+    _run(cmd, workdir / "train.log", "fairseq-train", env)
+    best = save_dir / "checkpoint_best.pt"
+    if not best.is_file():
+        raise DistillError(f"fairseq-train ended without {best}; see {workdir / 'train.log'}")
+    return best
+
+
+def _run(cmd: list[str], log: Path, what: str, env: dict | None = None) -> None:
+    with open(log, "a", encoding="utf-8") as f:
+        print(" ".join(cmd), file=f, flush=True)
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        raise DistillError(f"{what} failed (exit {code}); {log} ends:\n  " + "\n  ".join(tail))
+
+
+def evaluation_pair(spec: PairSpec, aligned: Path, workdir: Path, name: str) -> Path:
+    """A pair directory of links to the pair's files plus the aligned model, so that the aligned
+    model is evaluated exactly like the shipped one (before anything is installed)."""
+    pair = workdir / "eval-pair"
+    shutil.rmtree(pair, ignore_errors=True)
+    pair.mkdir()
+    for f in spec.directory.iterdir():
+        if f.is_file() and f.name != name:
+            (pair / f.name).symlink_to(f.resolve())
+    (pair / name).symlink_to(aligned.resolve())
+    return pair
+
+
+def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
+    """Markdown: the unaligned and the aligned small model side by side (first batching)."""
+    rows = {r["variant"]: r for r in suite["rows"] if r["batching"] == suite["rows"][0]["batching"]}
+    metric = {"translation": "BLEU", "summarization": "ROUGE-L"}[suite["task"]]
+    suffix = "@" + Path(aligned).stem
+    header = ["small model", "agreement", f"small alone {metric}", "BiLD default: × big", "fallback", "rollback",
+              "big tokens", "BiLD exact: × big"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, s in ((unaligned, ""), (aligned, suffix)):
+        share = suite["agreement"][label]
+        d, e = rows[f"bild-default{s}"], rows[f"bild-exact{s}"]
+        lines.append(f"| {label} | {100 * share:.1f}% | {rows['small' + s]['scores'][metric]:.2f} | "
+                     f"{d['speedup_vs_big']:.2f} | {100 * d['fallback_rate']:.1f}% | {100 * d['rollback_rate']:.1f}% | "
+                     f"{100 * d['big_token_share']:.1f}% | {e['speedup_vs_big']:.2f} |")
+    return lines
+
+
+@click.command(name="distill", help=__doc__)
+@click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--train-source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="training sources to distil on (plain, .gz or .xz)")
+@click.option("--dev-source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dev-ref", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--limit", type=click.IntRange(min=1), help="distil on the first N training lines [all]")
+@click.option("--workers", type=click.IntRange(min=1), help="step 1: worker processes [the runner's default]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-update", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="step 2: fine-tuning updates")
+@click.option("--hours", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="step 2: wall-clock limit of the fine-tuning")
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--warmup-updates", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="step 2: training threads [OMP_NUM_THREADS]")
+@click.option("--eval-limit", type=click.IntRange(min=1), help="step 3: first N dev lines [all]")
+@click.option("--batch", "batch_texts", multiple=True, default=("1",), show_default=True,
+              help="step 3: batching(s), as for bild-jobs bench")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="step 3: timed passes")
+@click.option("--name", default="small-aligned.pt", show_default=True, help="file name of the aligned model")
+@click.option("--install", is_flag=True, help="copy the aligned model into the pair directory")
+def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
+            workers: int | None, device: str, max_update: int, hours: float, lr: float, warmup_updates: int,
+            max_tokens: int, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
+            name: str, install: bool) -> None:
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:
+        spec = PairSpec.load(pair_dir)
+        small = spec.model_path("small")
+        batchings = [Batching.parse(b) for b in batch_texts]
+        workdir.mkdir(parents=True, exist_ok=True)
+        echo(f"1/3 the big model decodes {train_source}" + (f" (first {limit} lines)" if limit else ""))
+        source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device)
+        echo("2/3 fine-tuning the small model on the big model's outputs")
+        bin_dir = binarize(spec, (read_lines(source), read_lines(teacher)),
+                           (read_lines(dev_source), read_lines(dev_ref)), workdir)
+        options = ["--lr", str(lr), "--warmup-updates", str(warmup_updates), "--max-tokens", str(max_tokens),
+                   "--max-update", str(max_update), "--stop-time-hours", str(hours),
+                   "--save-interval-updates", str(max(1, min(500, max_update)))]
+        aligned = export_for_inference(finetune(spec, small, bin_dir, workdir, options, threads), workdir / name)
+        echo(f"3/3 comparing {name} with {spec.small} on {dev_source}")
+        suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref,
+                      (SmallModel(), SmallModel(name)))
+        result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
+    except (PairDirError, MeasureError, DistillError) as e:
+        raise click.ClickException(str(e)) from None
+    report = "\n".join(["## Aligned small model", "", *comparison(result, spec.small, name), "", *render_suite(result)])
+    (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (workdir / "report.md").write_text(report, encoding="utf-8")
+    click.echo(report)
+    if install:
+        shutil.copy(aligned, spec.directory / name)
+        echo(f"installed {spec.directory / name}: decode with --small-checkpoint {name}")
+
+
+if __name__ == "__main__":
+    distill()

@@ -1,0 +1,63 @@
+"""``bild-jobs distill`` end to end on a tiny pair and a 40-line slice: the big model's outputs come
+from the batch runner, fairseq-train fine-tunes the small model, the report compares both."""
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from bench_fixtures import copy_pair, write_lines
+from bild_fairseq.api import PairTranslator
+from jobs.distill import distill, model_flags
+
+pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
+N_TRAIN = 40
+
+
+def test_distillation_end_to_end(tiny_pair, tmp_path):
+    pair = copy_pair(tiny_pair, tmp_path / "pair", fallback_threshold=0.05, max_small_steps=4)
+    train = write_lines(tmp_path / "train.de", "lohelp.de-en.train.de.xz", 200)
+    dev = write_lines(tmp_path / "dev.de", "lohelp.de-en.valid.de.xz", 30)
+    dev_ref = write_lines(tmp_path / "dev.en", "lohelp.de-en.valid.en.xz", 30)
+    work = tmp_path / "work"
+    out = CliRunner().invoke(distill, [
+        "--pair", str(pair), "--train-source", str(train), "--dev-source", str(dev), "--dev-ref", str(dev_ref),
+        "--workdir", str(work), "--limit", str(N_TRAIN), "--device", "cpu", "--max-update", "4",
+        "--warmup-updates", "1", "--lr", "0.01", "--eval-limit", "8", "--install"])
+    assert out.exit_code == 0, out.output + out.stderr + repr(out.exception)
+
+    # 1. the runner decoded the first N_TRAIN training lines with the big model alone
+    sources = (work / "train.source").read_text().splitlines()
+    assert len(sources) == N_TRAIN
+    manifest = json.loads((work / "teacher.work" / "manifest.json").read_text())
+    assert manifest["decoding"]["requested"]["mode"] == "big"
+    expected = PairTranslator.from_pair_dir(pair, mode="big").translate(sources).hypotheses
+    assert (work / "teacher.out").read_text().splitlines() == expected
+
+    # 2. fairseq-train fine-tuned the pair's small model (same architecture) on those outputs
+    log = (work / "train.log").read_text()
+    assert "loading pretrained model from" in log and "num_updates 4" in log
+    before = torch.load(pair / "small.pt")["model"]
+    after = torch.load(work / "small-aligned.pt")["model"]
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    assert any(not before[k].half().equal(after[k]) for k in before)  # exported in fp16: compare in fp16
+    assert (pair / "small-aligned.pt").read_bytes() == (work / "small-aligned.pt").read_bytes()  # --install
+
+    # 3. the report compares both small models in the benchmark's format
+    report = json.loads((work / "report.json").read_text())
+    assert set(report["agreement"]) == {"small.pt", "small-aligned.pt"}
+    assert all(0 <= a <= 1 for a in report["agreement"].values())
+    variants = {r["variant"] for r in report["rows"]}
+    assert {"stock", "big", "small", "bild-default", "small@small-aligned", "bild-default@small-aligned"} <= variants
+    md = (work / "report.md").read_text()
+    assert "| small-aligned.pt |" in md and "| small.pt |" in md and "| batching | variant | time (s)" in md
+    exact = [r for r in report["rows"] if r["variant"].startswith("bild-exact")]
+    assert len(exact) == 2 and all(r["same_as_stock"] == 8 for r in exact)
+
+
+def test_model_flags_rebuild_the_architecture(tiny_pair):
+    flags = model_flags(tiny_pair / "small.pt")
+    assert flags[:2] == ["--arch", "transformer"]
+    assert flags[flags.index("--decoder-embed-dim") + 1] == "16" and "--share-decoder-input-output-embed" in flags
+    assert "--decoder-learned-pos" not in flags and "--decoder-learned-pos" in model_flags(tiny_pair / "big.pt")

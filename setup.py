@@ -23,7 +23,6 @@ setup(
         "rouge-score>=0.1.2",
         "click>=8.1",
         "tqdm>=4.60",
-        "submitit>=1.5",
         "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},

@@ -13,13 +13,16 @@ from pathlib import Path
 import click
 
 from bild_fairseq.pairdir import PairDirError
+from jobs.bench import bench
 from jobs.collect import CollectError, check_reference, collect
 from jobs.config import ConfigError, Decoding, RunConfig
+from jobs.distill import distill
 from jobs.executors.base import Executor
 from jobs.executors.local import LocalExecutor, plan_slots
 from jobs.executors.slurm import SlurmError, SlurmExecutor, SlurmOptions
 from jobs.runner import ConfigChanged, RunRequest, check_request, execute, failure_report, plan_run
 from jobs.status import shard_states, status_table
+from jobs.sweep import sweep_command
 from jobs.workdir import WorkDir, WorkDirError
 
 PATH = click.Path(path_type=Path)
@@ -192,3 +195,8 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
             click.echo(_summary(collect(wd, cfg, output or Path(cfg.output), ref), wd))
     except (WorkDirError, CollectError) as e:
         raise click.ClickException(str(e)) from None
+
+
+main.add_command(bench)
+main.add_command(sweep_command)
+main.add_command(distill)

@@ -1,10 +1,12 @@
 """``bild-jobs bench``: is BiLD faster at (almost) the big model's quality? One run, one machine.
 
+\b
     bild-jobs bench benchmarks/suites.json --repeats 3 --out benchmarks/out
 
 For each suite (a pair directory and a test set), every variant decodes the same batches,
 interleaved batch by batch (see jobs.measure), at every batching:
 
+\b
     stock        fairseq's own SequenceGenerator(beam_size=1), big model: what a user runs today
     big          the project's greedy loop, big model only (separates BiLD's gain from overhead)
     small        the project's greedy loop, small model only
@@ -215,7 +217,7 @@ def command_line(ctx: click.Context) -> str:
     return shlex.join(words)
 
 
-@click.command(name="bench", help=__doc__)
+@click.command(name="bench", help=__doc__, short_help="Time BiLD against stock fairseq and the big and small models.")
 @click.argument("suites_file", metavar="SUITES.json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/out"),
               show_default=True, help="writes bench.json and bench.md here")

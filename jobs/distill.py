@@ -3,6 +3,7 @@
 BiLD is fast when the small model agrees with the big one: fewer fallbacks and rollbacks. The
 paper fine-tunes the small model on the big model's own outputs. One command does it all:
 
+\b
   1. the big model decodes the training sources greedily, through ``bild-jobs run --big-only``
      (sharded and resumable like any run: rerunning this command picks up where it stopped);
   2. ``fairseq-train`` fine-tunes the small model on (source, big output), starting from the
@@ -10,6 +11,7 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
   3. the aligned model is compared with the pair's small model on the dev set in the format of
      ``bild-jobs bench``: agreement with the big model, fallback/rollback rates, BiLD speedup.
 
+\b
     bild-jobs distill --pair data/pairs/deen --train-source data/corpora/lohelp.de-en.train.de.xz \\
         --dev-source data/corpora/lohelp.de-en.valid.de.xz --dev-ref data/corpora/lohelp.de-en.valid.en.xz \\
         --workdir data/work/deen-distill [--limit 20000] [--max-update 2000] [--install]
@@ -169,7 +171,7 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
     return lines
 
 
-@click.command(name="distill", help=__doc__)
+@click.command(name="distill", help=__doc__, short_help="Align the small model with the big one by sequence-level distillation.")
 @click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--train-source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="training sources to distil on (plain, .gz or .xz)")

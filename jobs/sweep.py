@@ -1,5 +1,6 @@
 """``bild-jobs sweep``: pick BiLD's thresholds on a dev set, from measured speed and quality.
 
+\b
     bild-jobs sweep --pair data/pairs/deen --input data/corpora/lohelp.de-en.valid.de.xz \\
         --ref data/corpora/lohelp.de-en.valid.en.xz --limit 200 --max-quality-drop 0.5 --out sweep-deen
 
@@ -117,7 +118,7 @@ def _floats(text: str) -> list[float]:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
-@click.command(name="sweep", help=__doc__)
+@click.command(name="sweep", help=__doc__, short_help="Sweep BiLD thresholds on a dev set; recommend the fastest within a quality budget.")
 @click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--input", "source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="dev source lines (plain, .gz or .xz); never the test set")

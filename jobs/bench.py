@@ -33,8 +33,8 @@ import click
 
 from bild_fairseq.scoring import score_task
 from jobs.agreement import agreement
-from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, detokenize, encode,
-                          measure, read_lines)
+from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, bild_rates, detokenize,
+                          encode, measure, read_lines)
 
 DEFAULT_BATCHINGS = ("1", "16", "tokens:4096")
 
@@ -98,10 +98,6 @@ def load_suites(path: Path) -> list[Suite]:
     return suites
 
 
-def _rate(numerator: int, denominator: int) -> float | None:
-    return numerator / denominator if denominator else None
-
-
 def _row(v: Variant, batching: Batching, r: Result, results: dict[str, Result], scores: dict) -> dict:
     """One table row: speed, ratios against stock and big at the same batching, quality, counters."""
     seconds = r.median_seconds
@@ -113,9 +109,7 @@ def _row(v: Variant, batching: Batching, r: Result, results: dict[str, Result], 
     if "stock" in results:
         row["same_as_stock"] = sum(a.equal(b) for a, b in zip(r.tokens, results["stock"].tokens))
     if v.mode == "bild":
-        s = r.stats
-        row.update(stats=s, fallback_rate=_rate(s["fallbacks"], s["small_steps"]),
-                   rollback_rate=_rate(s["rollbacks"], s["big_calls"]), big_token_share=s["big_token_share"])
+        row.update(stats=r.stats, **bild_rates(r.stats))
     return row
 
 

@@ -201,6 +201,16 @@ def stats_of(translator: PairTranslator) -> BildStats | None:
     return BildStats(**vars(stats)) if stats is not None else None
 
 
+def bild_rates(stats: dict) -> dict:
+    """BiLD's counters as rates: the share of small-model steps that handed over (fallback), of
+    big-model passes that rejected a small-model token (rollback), of output tokens from the big model."""
+    def share(a: str, b: str) -> float | None:
+        return stats[a] / stats[b] if stats.get(b) else None
+
+    return {"fallback_rate": share("fallbacks", "small_steps"), "rollback_rate": share("rollbacks", "big_calls"),
+            "big_token_share": share("big_tokens", "tokens")}
+
+
 @dataclass
 class Result:
     """One variant at one batching: seconds per repeat, and the first repeat's outputs."""

@@ -20,8 +20,8 @@ from pathlib import Path
 import click
 
 from bild_fairseq.scoring import score_task
-from jobs.measure import THRESHOLDS, Batching, MeasureError, PairModels, Variant, detokenize, encode, measure, \
-    read_lines
+from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Variant, bild_rates, detokenize, encode,
+                          measure, read_lines)
 from jobs.pareto import Point, frontier, plot, recommend
 from jobs.targets import QUALITY
 
@@ -56,14 +56,11 @@ def sweep(pair: Path, source: Path, ref: Path, variants: list[Variant], batching
         scores = {s.name: s.value for s in score_task(models.spec.task, detokenize(models.base, r.tokens), refs)}
         if metric not in scores:
             raise MeasureError(f"--metric {metric}: the {models.spec.task} metrics are {sorted(scores)}")
-        s = r.stats if v.mode == "bild" else {}
         thresholds = v.thresholds(models.spec.bild) if _kind(v) == "bild" else dict.fromkeys(THRESHOLDS)
         rows.append({"name": v.name, "kind": _kind(v), **thresholds,
                      "seconds": r.median_seconds, "speedup": big_seconds / r.median_seconds,
                      "quality": scores[metric], **scores,
-                     "fallback_rate": s["fallbacks"] / s["small_steps"] if s.get("small_steps") else None,
-                     "rollback_rate": s["rollbacks"] / s["big_calls"] if s.get("big_calls") else None,
-                     "big_token_share": s.get("big_token_share"),
+                     **bild_rates(r.stats if v.mode == "bild" else {}),
                      "run_flags": " ".join(v.run_flags(models.spec.bild)),
                      "generate_flags": " ".join(v.generate_flags(models.spec.bild))})
     small = next(v.small_checkpoint for v in variants if v.mode == "small") or models.spec.small

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import click
 
+from bild_fairseq.config import BildOptionError
+from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
 from jobs.agreement import agreement
 from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, bild_rates, detokenize,
@@ -241,7 +243,7 @@ def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tupl
         command = command_line(click.get_current_context())
         result = run_benchmark(suites, batchings, repeats, limit, device, threads, memory, command,
                                lambda m: click.echo(m, err=True))
-    except MeasureError as e:
+    except (MeasureError, PairDirError, BildOptionError) as e:
         raise click.ClickException(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

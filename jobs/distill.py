@@ -32,6 +32,7 @@ import click
 
 import bild_fairseq
 from bild_fairseq.checkpoints import export_for_inference
+from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
 from jobs.bench import SmallModel, Suite, run_suite
 from jobs.benchreport import render_suite
@@ -218,7 +219,7 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref,
                       (SmallModel(), SmallModel(name)))
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
-    except (PairDirError, MeasureError, DistillError) as e:
+    except (PairDirError, MeasureError, DistillError, BildOptionError) as e:
         raise click.ClickException(str(e)) from None
     report = "\n".join(["## Aligned small model", "", *comparison(result, spec.small, name), "", *render_suite(result)])
     (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

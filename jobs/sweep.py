@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from bild_fairseq.config import BildOptionError
+from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
 from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Variant, bild_rates, detokenize, encode,
                           measure, read_lines)
@@ -141,7 +143,7 @@ def sweep_command(pair_dir: Path, source: Path, ref: Path, out: Path, fallback: 
         variants = grid(_floats(fallback), _floats(rollback), step_values, small_checkpoint)
         result = sweep(pair_dir, source, ref, variants, Batching.parse(batch_text), repeats, limit, metric, device,
                        lambda m: click.echo(m, err=True))
-    except MeasureError as e:
+    except (MeasureError, PairDirError, BildOptionError) as e:
         raise click.ClickException(str(e)) from None
     result["recommendation"] = rec = decide(result, max_quality_drop)
     write(result, out)

@@ -85,10 +85,17 @@ def test_frontier_and_recommendation_rules():
     assert recommend(points, 30.0, 15.0) == small
 
 
-def test_sweep_refuses_a_metric_of_another_task(active_pair, tmp_path):
+def _tiny_sweep(pair, tmp_path, *options: str):
     src = write_lines(tmp_path / "d.de", "lohelp.de-en.valid.de.xz", 2)
     ref = write_lines(tmp_path / "d.en", "lohelp.de-en.valid.en.xz", 2)
-    out = CliRunner().invoke(sweep_command, ["--pair", str(active_pair), "--input", str(src), "--ref", str(ref),
-                                             "--out", str(tmp_path / "o"), "--fallback", "0.5", "--rollback", "2",
-                                             "--metric", "ROUGE-L"])
-    assert out.exit_code != 0 and "the translation metrics are ['BLEU', 'chrF']" in out.stderr
+    return CliRunner().invoke(sweep_command, ["--pair", str(pair), "--input", str(src), "--ref", str(ref),
+                                              "--out", str(tmp_path / "o"), "--rollback", "2", *options])
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--fallback", "0.5", "--metric", "ROUGE-L"], "the translation metrics are ['BLEU', 'chrF']"),
+    (["--fallback", "1.5"], "must be in [0, 1]"),
+])
+def test_sweep_refuses_bad_options_clearly(active_pair, tmp_path, options, message):
+    out = _tiny_sweep(active_pair, tmp_path, *options)
+    assert out.exit_code != 0 and message in out.stderr and "Traceback" not in out.output

@@ -37,6 +37,7 @@ from bild_fairseq.scoring import score_task
 from jobs.agreement import agreement
 from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, bild_rates, detokenize,
                           encode, measure, read_lines)
+from jobs.workdir import sha256_file
 
 DEFAULT_BATCHINGS = ("1", "16", "tokens:4096")
 
@@ -142,7 +143,9 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
                   for s in suite.small}
     if memory:
         _add_peak_memory(suite, variants, lines, batchings, device, threads, rows, echo)
+    files = [models.spec.big, *(s.checkpoint or models.spec.small for s in suite.small)]
     return {"name": suite.name, "pair": str(suite.pair), "task": models.spec.task, "source": str(suite.source),
+            "model_sha256": {f: sha256_file(models.spec.model_path(f))[:16] for f in files},
             "reference": str(suite.reference), "lines": len(lines), "pair_bild": models.spec.bild,
             "variants": [{**asdict(v), "run_flags": v.run_flags(models.spec.bild),
                           "generate_flags": v.generate_flags(models.spec.bild)} for v in variants],

@@ -56,8 +56,9 @@ def _suite_table(suite: dict) -> list[str]:
 
 
 def render_suite(suite: dict) -> list[str]:
+    models = ", ".join(f"`{name}` sha256 {digest}…" for name, digest in suite["model_sha256"].items())
     out = [f"### {suite['name']} ({suite['task']}): {suite['lines']} lines of `{Path(suite['source']).name}`, "
-           f"pair `{suite['pair']}`", "", *_suite_table(suite), ""]
+           f"pair `{suite['pair']}`", "", f"Models: {models}.", "", *_suite_table(suite), ""]
     out.append("Small-model agreement with the big model (share of the big model's greedy output tokens that "
                "are also the small model's argmax, same source and prefix): "
                + ", ".join(f"`{name}` {100 * a:.1f}%" for name, a in suite["agreement"].items()) + ".")

@@ -42,6 +42,7 @@ def test_every_variant_and_batching_is_measured(run):
     _, result, _ = run
     suite = result["suites"][0]
     assert result["repeats"] == 2 and result["machine"]["logical_cpus"] >= 1 and suite["lines"] == N_LINES
+    assert set(suite["model_sha256"]) == {"big.pt", "small.pt"}
     assert [(r["batching"], r["variant"]) for r in suite["rows"]] == [(b, v) for b in BATCHINGS for v in VARIANTS]
     for r in suite["rows"]:
         assert len(r["seconds"]) == 2 and min(r["seconds"]) <= r["median_seconds"] <= max(r["seconds"])

@@ -12,11 +12,14 @@ from bild_fairseq.scoring import score_task
 from tiny import ROOT
 
 LINES = 100
-#: Floors well below the shipped models' measured test scores (data/pairs/*/report.md) and far
-#: above what a broken or untrained model reaches (BLEU/ROUGE-L near 0).
+#: (source, reference, metric, floor for the big model, required margin of big over small).
+#: Floors sit well below the shipped big models' scores on these 100 lines (de-en BLEU 22.9,
+#: summarization ROUGE-L 6.8; full test splits in data/pairs/*/report.md) and above what a broken
+#: or random model reaches (~0). The summarization big model is undertrained and does not beat
+#: its small model (data/pairs/summ/TRAINING.md), so no margin is asserted for it.
 PAIRS = {
-    "deen": ("lohelp.de-en.test.de.xz", "lohelp.de-en.test.en.xz", "BLEU", None),
-    "summ": ("debdesc.test.src.xz", "debdesc.test.tgt.xz", "ROUGE-L", None),
+    "deen": ("lohelp.de-en.test.de.xz", "lohelp.de-en.test.en.xz", "BLEU", 15.0, 3.0),
+    "summ": ("debdesc.test.src.xz", "debdesc.test.tgt.xz", "ROUGE-L", 4.0, None),
 }
 
 
@@ -32,9 +35,9 @@ def shipped(request):
     return request.param, pair
 
 
-def test_big_model_scores_above_floor_and_beats_small(shipped):
+def test_big_model_scores_above_floor_and_beats_small_by_margin(shipped):
     name, pair = shipped
-    src, ref, metric, floor = PAIRS[name]
+    src, ref, metric, floor, margin = PAIRS[name]
     sources, refs = read(src), read(ref)
     scores = {}
     for mode in ("big", "small"):
@@ -43,7 +46,8 @@ def test_big_model_scores_above_floor_and_beats_small(shipped):
         assert len(out.hypotheses) == len(sources)
         scores[mode] = next(s.value for s in score_task(t.spec.task, out.hypotheses, refs) if s.name == metric)
     assert scores["big"] >= floor, scores
-    assert scores["big"] > scores["small"], scores
+    if margin is not None:
+        assert scores["big"] >= scores["small"] + margin, scores
 
 
 def test_exact_bild_equals_stock_big_greedy_on_shipped_pair(shipped):

@@ -69,6 +69,7 @@ class Suite:
     source: Path
     reference: Path
     small: tuple[SmallModel, ...] = (SmallModel(),)
+    limit: int | None = None  # first N test lines (a slow pair can be given fewer)
 
     def variants(self) -> list[Variant]:
         return [Variant("stock", "stock"), Variant("big", "big"), *(v for s in self.small for v in s.variants())]
@@ -78,7 +79,7 @@ def load_suites(path: Path) -> list[Suite]:
     """Suites from a JSON file; relative paths are relative to the file. Format::
 
         {"suites": [{"name": "deen", "pair": "../data/pairs/deen",
-                     "source": "...test.de.xz", "reference": "...test.en.xz",
+                     "source": "...test.de.xz", "reference": "...test.en.xz", "limit": 300,
                      "small": [{"checkpoint": null, "tuned": {"fallback_threshold": 0.4,
                                 "rollback_threshold": 3, "max_small_steps": 10, "source": "..."}}]}]}
     """
@@ -92,7 +93,7 @@ def load_suites(path: Path) -> list[Suite]:
                 if missing:
                     raise MeasureError(f"suite {entry['name']!r}: tuned thresholds lack {missing}")
             suites.append(Suite(entry["name"], *(path.parent / entry[k] for k in ("pair", "source", "reference")),
-                                small))
+                                small, entry.get("limit")))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MeasureError(f"{path}: not a suites file ({type(e).__name__}: {e}); see `bild-jobs bench --help`") from None
     names = [s.name for s in suites]
@@ -119,6 +120,7 @@ def _row(v: Variant, batching: Batching, r: Result, results: dict[str, Result], 
 def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int | None, device: str,
               threads: int | None, memory: bool, echo) -> dict:
     """Measure every variant of ``suite`` at every batching; the suite's JSON result."""
+    limit = limit or suite.limit
     lines, refs = read_lines(suite.source, limit), read_lines(suite.reference, limit)
     if len(lines) != len(refs):
         raise MeasureError(f"{suite.source} has {len(lines)} lines but {suite.reference} has {len(refs)}")
@@ -225,7 +227,8 @@ def command_line(ctx: click.Context) -> str:
               help="batching: sentences per batch (1, 16) or tokens:N (max padded source tokens); repeatable")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="timed passes over the test set per variant and batching (the median is reported)")
-@click.option("--limit", type=click.IntRange(min=1), help="use the first N lines of each test set [all]")
+@click.option("--limit", type=click.IntRange(min=1), help="use the first N lines of each test set [the suite's "
+              "\"limit\", else all]")
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="peak RSS per variant, each in a fresh process, after the timing (one more pass each)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")

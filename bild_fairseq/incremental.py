@@ -175,8 +175,10 @@ class IncrementalDecoder:
         # write the new keys/values into their slots: cache[row, :, slot] = (H, Dh)
         cache.self_k[i][row_idx, :, slots] = _heads(attn.k_proj(x), attn.num_heads).transpose(1, 2)
         cache.self_v[i][row_idx, :, slots] = _heads(attn.v_proj(x), attn.num_heads).transpose(1, 2)
-        keys = _rows(cache.self_k[i], rows, all_rows)[:, :, :visible]
-        values = _rows(cache.self_v[i], rows, all_rows)[:, :, :visible]
+        # slice to the visible slots before gathering rows: the gather copies, and the cache is
+        # allocated for the longest possible output
+        keys = _rows(cache.self_k[i][:, :, :visible], rows, all_rows)
+        values = _rows(cache.self_v[i][:, :, :visible], rows, all_rows)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = attn.out_proj(out.transpose(1, 2).flatten(2))
         x = layer.residual_connection(x, residual)

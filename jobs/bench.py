@@ -92,8 +92,8 @@ def load_suites(path: Path) -> list[Suite]:
                 missing = [t for t in THRESHOLDS if s.tuned and t not in s.tuned]
                 if missing:
                     raise MeasureError(f"suite {entry['name']!r}: tuned thresholds lack {missing}")
-            suites.append(Suite(entry["name"], *(path.parent / entry[k] for k in ("pair", "source", "reference")),
-                                small, entry.get("limit")))
+            suites.append(Suite(entry["name"], *(Path(os.path.normpath(path.parent / entry[k]))
+                                                 for k in ("pair", "source", "reference")), small, entry.get("limit")))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MeasureError(f"{path}: not a suites file ({type(e).__name__}: {e}); see `bild-jobs bench --help`") from None
     names = [s.name for s in suites]

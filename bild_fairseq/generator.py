@@ -105,20 +105,29 @@ class BildSequenceGenerator(SequenceGenerator):
             raise BildOptionError("min_len cannot be larger than max_len, please adjust these!")
 
         width = int(max_len.max()) + 2
-        capacity = width + self.max_small_steps + 2
-        big_cache = self.big.start(self.model.single_model.encoder.forward_torchscript(net_input), capacity)
-        small_cache = (self.small.start(self.small_model.encoder.forward_torchscript(net_input), capacity)
+        big_cache = self.big.start(self.model.single_model.encoder.forward_torchscript(net_input))
+        small_cache = (self.small.start(self.small_model.encoder.forward_torchscript(net_input))
                        if self.small is not None else None)
+        caches = [c for c in (big_cache, small_cache) if c is not None]
         state = _BatchState(bsz, width, src_tokens.device, self.eos if bos_token is None else bos_token, max_len)
-        while not bool(state.finished.all()):
+        hypotheses: list[list[dict]] = [[] for _ in range(bsz)]
+        while state.size > 0:
             if small_cache is not None:
                 self._small_step(state, small_cache)
             self._big_step(state, big_cache, small_cache)
-        return self._finalize(state)
+            if bool(state.finished.any()):  # finished sentences leave the batch and its caches
+                done, keep = state.finished.nonzero().squeeze(1), (~state.finished).nonzero().squeeze(1)
+                for sentence, hypo in zip(state.ids[done].tolist(), self._hypotheses(state, done)):
+                    hypotheses[sentence] = [hypo]
+                state.select(keep)
+                for cache in caches:
+                    cache.select(keep)
+        self.stats.sentences += bsz
+        return hypotheses
 
     def _small_step(self, s: "_BatchState", cache: DecoderCache) -> None:
         """Small model proposes one token for every unfinished sentence; marks hand-overs."""
-        rows = (~s.finished).nonzero().squeeze(1)
+        rows = torch.arange(s.size, device=s.n.device)  # every sentence in the batch is unfinished
         feed, counts = _ragged(s.tokens, rows, cache.length[rows], s.n[rows])
         lprobs = self.small.forward(cache, rows, feed, counts)
         last = lprobs[torch.arange(rows.numel(), device=rows.device), counts - 1]
@@ -172,29 +181,31 @@ class BildSequenceGenerator(SequenceGenerator):
         s.run[rows] = 0
         s.needs_big[rows] = False
 
-    def _finalize(self, s: "_BatchState") -> list[list[dict]]:
+    def _hypotheses(self, s: "_BatchState", rows: Tensor) -> list[dict]:
+        """SequenceGenerator's hypothesis dicts for finished sentences ``rows``; counts their tokens."""
         out = []
-        for b in range(s.tokens.size(0)):
+        for b in rows.tolist():
             n = int(s.n[b])
             tokens = s.tokens[b, 1:n].clone()
             pos_scores = s.scores[b, 1:n].clone()
             score = pos_scores.sum()
             if self.normalize_scores:
                 score = score / (tokens.numel() ** self.len_penalty)
-            out.append([{"tokens": tokens, "score": score, "attention": None, "alignment": None,
-                         "positional_scores": pos_scores}])
+            out.append({"tokens": tokens, "score": score, "attention": None, "alignment": None,
+                        "positional_scores": pos_scores})
             from_big = int(s.from_big[b, 1:n].sum())
             self.stats.big_tokens += from_big
             self.stats.small_tokens += tokens.numel() - from_big
             self.stats.tokens += tokens.numel()
-        self.stats.sentences += len(out)
         return out
 
 
 class _BatchState:
-    """Tokens, scores and progress of every sentence in a batch."""
+    """Tokens, scores and progress of the unfinished sentences of a batch (``ids``: their
+    positions in the batch as given)."""
 
     def __init__(self, bsz: int, width: int, device, bos: int, max_len: Tensor):
+        self.ids = torch.arange(bsz, device=device)
         self.tokens = torch.full((bsz, width), bos, dtype=torch.long, device=device)
         self.scores = torch.zeros(bsz, width, device=device)
         self.from_big = torch.zeros(bsz, width, dtype=torch.bool, device=device)
@@ -203,6 +214,15 @@ class _BatchState:
         self.needs_big = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.max_len = max_len
+
+    @property
+    def size(self) -> int:
+        return self.ids.numel()
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only sentences ``rows`` (in that order)."""
+        for name, value in vars(self).items():
+            setattr(self, name, value.index_select(0, rows))
 
     def append(self, rows: Tensor, tokens: Tensor, from_big: bool, score: Tensor | None = None) -> None:
         pos = self.n[rows]

@@ -5,8 +5,11 @@ token it has not yet seen in ONE pass while reusing its cache for the prefix, an
 must drop cached tokens on rollback. This module re-runs the decoder's layers (same weights,
 same order of operations) over a cache we own:
 
-* self-attention keys/values are preallocated per layer as (B, H, T, Dh) with a per-sentence
-  length, so appending k tokens writes k slots and truncating is setting a length — O(1);
+* self-attention keys/values live per layer in (B, H, T, Dh) buffers with a per-sentence
+  length, so appending k tokens writes k slots and truncating is setting a length — O(1); the
+  buffers grow by doubling, so memory follows the longest output so far, not the length limit;
+* finished sentences leave the batch (:meth:`DecoderCache.select`, like fairseq's cache
+  reordering), so the common all-rows call attends over the cache in place, without a gather;
 * cross-attention keys/values are projected once per batch from the encoder output;
 * each call feeds a ragged set of rows with k_r new tokens each (padded to k), with a causal
   mask over the new tokens and full attention to each row's cached ones.
@@ -47,6 +50,24 @@ class DecoderCache:
     def truncate(self, rows: Tensor, keep: Tensor) -> None:
         """Forget cached tokens beyond ``keep`` for ``rows`` (rollback)."""
         self.length[rows] = torch.minimum(self.length[rows], keep)
+
+    def reserve(self, slots: int) -> None:
+        """Make room for ``slots`` tokens per sentence (at least doubling: amortized O(1) appends)."""
+        if slots <= self.capacity:
+            return
+        used, size = int(self.length.max()), max(slots, 2 * self.capacity)
+        for buffers in (self.self_k, self.self_v):
+            for i, old in enumerate(buffers):
+                b, h, _, dh = old.shape
+                buffers[i] = old.new_zeros(b, h, size, dh)
+                buffers[i][:, :, :used] = old[:, :, :used]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only sentences ``rows`` (in that order): finished sentences leave the batch."""
+        for buffers in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+            buffers[:] = [t.index_select(0, rows) for t in buffers]
+        self.source_mask = self.source_mask.index_select(0, rows)
+        self.length = self.length.index_select(0, rows)
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
@@ -104,8 +125,9 @@ class IncrementalDecoder:
             self._positions = embed(fake)[0].detach()
         return self._positions
 
-    def start(self, encoder_out: dict, capacity: int) -> DecoderCache:
-        """Project cross-attention keys/values once and allocate an empty self-attention cache."""
+    def start(self, encoder_out: dict, capacity: int = 32) -> DecoderCache:
+        """Project cross-attention keys/values once and allocate an empty self-attention cache
+        (``capacity`` tokens per sentence to begin with; it grows as needed)."""
         enc = encoder_out["encoder_out"][0]  # (S, B, E_enc)
         s, b, _ = enc.shape
         pad = encoder_out["encoder_padding_mask"]
@@ -136,8 +158,8 @@ class IncrementalDecoder:
         start = cache.length.index_select(0, rows)  # (R,)
         offsets = torch.arange(k, device=tokens.device)
         slots = start.unsqueeze(1) + offsets  # (R, K) cache slot == target position of each new token
-        if int(slots.max()) >= cache.capacity:
-            raise RuntimeError(f"decoder cache of {cache.capacity} slots is full; raise the capacity")
+        visible = int((start + counts).max())
+        cache.reserve(int(slots.max()) + 1)  # padding entries write (unused) slots too
 
         x = d.embed_scale * d.embed_tokens(tokens)
         if d.project_in_dim is not None:
@@ -148,7 +170,6 @@ class IncrementalDecoder:
         if d.layernorm_embedding is not None:
             x = d.layernorm_embedding(x)
 
-        visible = int((start + counts).max())
         # query j of row r sees cached slots < start[r] + j + 1
         self_mask = (torch.arange(visible, device=x.device).view(1, 1, visible)
                      <= slots.unsqueeze(-1)).unsqueeze(1)  # (R, 1, K, visible)

@@ -77,6 +77,19 @@ def test_ragged_rows_with_padding_match(model_and_batch):
     assert cache.length.tolist() == [5, 2, 3]
 
 
+def test_cache_grows_and_drops_finished_rows_without_changing_results(model_and_batch):
+    model, enc, prev, full = model_and_batch
+    dec = IncrementalDecoder(model.decoder)
+    with torch.no_grad():
+        cache = dec.start(enc, 2)  # grows by doubling as tokens arrive
+        first = dec.forward(cache, torch.arange(3), prev[:, :3], torch.full((3,), 3))
+        cache.select(torch.tensor([2, 0]))  # sentence 1 finished: it leaves the batch
+        rest = dec.forward(cache, torch.arange(2), prev[[2, 0], 3:], torch.full((2,), 8))
+    assert cache.capacity >= 11 and cache.length.tolist() == [11, 11]
+    assert (first - full[:, :3]).abs().max() < TOL
+    assert (rest - full[[2, 0], 3:]).abs().max() < TOL
+
+
 def test_unsupported_decoder_is_refused_by_name(tiny_pair):
     model = _load(tiny_pair, "big.pt")
     model.decoder.cross_self_attention = True

@@ -114,14 +114,16 @@ class PairTranslator:
                 ids = torch.cat([ids[: self.max_source_tokens - 1], ids[-1:]])
             encoded.append((i, ids))
         stats_before = BildStats(**vars(self.generator.stats)) if hasattr(self.generator, "stats") else None
-        for batch in _length_batches(encoded, max_tokens, max_sentences):
-            for (index, _), hypo in zip(batch, self._generate([ids for _, ids in batch])):
+        for batch in length_batches(encoded, max_tokens, max_sentences):
+            for (index, _), hypo in zip(batch, self.generate_batch([ids for _, ids in batch])):
                 hyps[index] = pipeline.decode(self.task.target_dictionary.string(hypo["tokens"].int().cpu()))
             if progress:
                 progress(len(batch))
         return TranslationOutput(hyps, sorted(issues, key=lambda x: x.index), self._stats_since(stats_before))
 
-    def _generate(self, sources: list[torch.Tensor]) -> list[dict]:
+    def generate_batch(self, sources: list[torch.Tensor]) -> list[dict]:
+        """Decode one batch of encoded sources (dictionary ids, EOS included): the best hypothesis
+        dict per source, in order. ``translate`` calls it per batch; benchmarks time it alone."""
         from fairseq.data import data_utils
 
         d = self.task.source_dictionary
@@ -139,7 +141,7 @@ class PairTranslator:
         return delta.to_dict()
 
 
-def _length_batches(items: list[tuple[int, torch.Tensor]], max_tokens: int, max_sentences: int | None):
+def length_batches(items: list[tuple[int, torch.Tensor]], max_tokens: int, max_sentences: int | None):
     """Sort by source length (longest first) and cut into batches of at most ``max_tokens``
     padded tokens; the caller restores input order from the indices."""
     items = sorted(items, key=lambda x: -x[1].numel())

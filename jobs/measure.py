@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from bild_fairseq.api import PairTranslator, _length_batches
+from bild_fairseq.api import PairTranslator, length_batches
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.stats import BildStats
 
@@ -183,7 +183,7 @@ def encode(translator: PairTranslator, lines: Sequence[str]) -> list[torch.Tenso
 def plan_batches(sources: Sequence[torch.Tensor], batching: Batching) -> list[list[int]]:
     """Line indices of each batch: the API's own length-sorted batching."""
     items = list(enumerate(sources))
-    return [[i for i, _ in batch] for batch in _length_batches(items, batching.max_tokens, batching.max_sentences)]
+    return [[i for i, _ in batch] for batch in length_batches(items, batching.max_tokens, batching.max_sentences)]
 
 
 def generate(translator: PairTranslator, sources: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
@@ -191,7 +191,7 @@ def generate(translator: PairTranslator, sources: Sequence[torch.Tensor]) -> tup
     synchronize = torch.cuda.synchronize if translator.device.startswith("cuda") else (lambda: None)
     synchronize()
     t0 = time.perf_counter()
-    hypos = translator._generate(list(sources))  # the exact call translate() makes per batch
+    hypos = translator.generate_batch(list(sources))  # the exact call translate() makes per batch
     synchronize()
     return time.perf_counter() - t0, [h["tokens"].cpu() for h in hypos]
 

@@ -244,11 +244,18 @@ def test_local_slots_one_per_visible_gpu_or_cpu_workers_with_a_share_of_cores(mo
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert plan_slots("auto", None) == [{"CUDA_VISIBLE_DEVICES": "2"}, {"CUDA_VISIBLE_DEVICES": "5"}]
     assert [s["CUDA_VISIBLE_DEVICES"] for s in plan_slots("cuda", 3)] == ["2", "5", "2"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cpu = plan_slots("cpu", 3)
     cores = len(os.sched_getaffinity(0))
     assert cpu == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, cores // 3)),
                     "MKL_NUM_THREADS": str(max(1, cores // 3))}] * 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert plan_slots("auto", 2) == plan_slots("cpu", 2)  # no GPU visible: CPU workers
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's own setting wins over the fair share
+    assert {s["OMP_NUM_THREADS"] for s in plan_slots("cpu", 1)} == {"1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(ConfigError, match="OMP_NUM_THREADS='many'"):
+        plan_slots("cpu", 1)
+    monkeypatch.delenv("OMP_NUM_THREADS")
     with pytest.raises(ConfigError, match="no GPU is visible"):
         plan_slots("cuda", None)

@@ -30,7 +30,8 @@ def visible_gpus() -> list[str]:
 
 def plan_slots(device: str, workers: int | None) -> list[dict[str, str]]:
     """The environment of each worker slot: a GPU each (round robin when ``workers`` exceeds the
-    GPUs), or, on CPU, hidden GPUs and a fair share of this machine's cores as threads."""
+    GPUs), or, on CPU, hidden GPUs and a fair share of this machine's cores as threads (or the
+    driver's own ``OMP_NUM_THREADS``: cores busy with other work are not a fair share)."""
     gpus = visible_gpus() if device != "cpu" else []
     if device == "cuda" and not gpus:
         raise ConfigError("--device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES / torch): "
@@ -39,7 +40,10 @@ def plan_slots(device: str, workers: int | None) -> list[dict[str, str]]:
         return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(workers or len(gpus))]
     cores = len(os.sched_getaffinity(0))
     workers = workers or max(1, cores // THREADS_PER_CPU_WORKER)
-    threads = str(max(1, cores // workers))
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // workers))
+    if not threads.isdigit() or int(threads) < 1:
+        raise ConfigError(f"OMP_NUM_THREADS={threads!r} is not a positive integer: unset it or set it to the "
+                          "number of decoding threads each CPU worker should use")
     return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * workers
 
 

@@ -7,7 +7,9 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
   1. the big model decodes the training sources greedily, through ``bild-jobs run --big-only``
      (sharded and resumable like any run: rerunning this command picks up where it stopped);
   2. ``fairseq-train`` fine-tunes the small model on (source, big output), starting from the
-     pair's small checkpoint, with the same architecture and dictionaries;
+     pair's small checkpoint, with the same architecture and dictionaries; its validation set
+     is the dev sources with the big model's outputs (what the small model should imitate; the
+     references would make the least-aligned checkpoint "best");
   3. the aligned model is compared with the pair's small model on the dev set in the format of
      ``bild-jobs bench``: agreement with the big model, fallback/rollback rates, BiLD speedup.
 
@@ -51,18 +53,18 @@ class DistillError(RuntimeError):
 
 
 def teacher_outputs(spec: PairSpec, source: Path, limit: int | None, workdir: Path, workers: int | None,
-                    device: str) -> tuple[Path, Path]:
+                    device: str, name: str) -> tuple[Path, Path]:
     """Step 1: the big model's greedy outputs for ``source`` (or its first ``limit`` lines), via
-    the batch runner; returns the source file it decoded and the output file."""
+    the batch runner, as WORKDIR/NAME.out; returns the source file it decoded and the output file."""
     from jobs.cli import run as run_command
 
     if limit is not None:
-        head = workdir / "train.source"
+        head = workdir / f"{name}.source"
         head.write_text("".join(line + "\n" for line in read_lines(source, limit)), encoding="utf-8")
         source = head
-    output = workdir / "teacher.out"
+    output = workdir / f"{name}.out"
     args = [str(source), "--pair", str(spec.directory), "--output", str(output), "--workdir",
-            str(workdir / "teacher.work"), "--big-only", "--executor", "local", "--device", device, "--no-progress"]
+            str(workdir / f"{name}.work"), "--big-only", "--executor", "local", "--device", device, "--no-progress"]
     run_command.main(args + (["--workers", str(workers)] if workers else []), standalone_mode=False)
     return source, output
 
@@ -207,10 +209,11 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         batchings = [Batching.parse(b) for b in batch_texts]
         workdir.mkdir(parents=True, exist_ok=True)
         echo(f"1/3 the big model decodes {train_source}" + (f" (first {limit} lines)" if limit else ""))
-        source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device)
+        source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device, "teacher")
+        _, dev_teacher = teacher_outputs(spec, dev_source, None, workdir, workers, device, "dev-teacher")
         echo("2/3 fine-tuning the small model on the big model's outputs")
         bin_dir = binarize(spec, (read_lines(source), read_lines(teacher)),
-                           (read_lines(dev_source), read_lines(dev_ref)), workdir)
+                           (read_lines(dev_source), read_lines(dev_teacher)), workdir)
         options = ["--lr", str(lr), "--warmup-updates", str(warmup_updates), "--max-tokens", str(max_tokens),
                    "--max-update", str(max_update), "--stop-time-hours", str(hours),
                    "--save-interval-updates", str(max(1, min(500, max_update)))]

@@ -28,12 +28,18 @@ def test_distillation_end_to_end(tiny_pair, tmp_path):
     assert out.exit_code == 0, out.output + out.stderr + repr(out.exception)
 
     # 1. the runner decoded the first N_TRAIN training lines with the big model alone
-    sources = (work / "train.source").read_text().splitlines()
+    sources = (work / "teacher.source").read_text().splitlines()
     assert len(sources) == N_TRAIN
     manifest = json.loads((work / "teacher.work" / "manifest.json").read_text())
     assert manifest["decoding"]["requested"]["mode"] == "big"
-    expected = PairTranslator.from_pair_dir(pair, mode="big").translate(sources).hypotheses
-    assert (work / "teacher.out").read_text().splitlines() == expected
+    big = PairTranslator.from_pair_dir(pair, mode="big")
+    assert (work / "teacher.out").read_text().splitlines() == big.translate(sources).hypotheses
+    # ... and the dev sources: fairseq-train validates on what the small model should imitate
+    dev_teacher = big.translate(dev.read_text().splitlines()).hypotheses
+    assert (work / "dev-teacher.out").read_text().splitlines() == dev_teacher
+    pipeline = big.spec.text_pipeline()
+    assert (work / "bpe" / "valid.en").read_text().splitlines() == [pipeline.encode(t, target=True)
+                                                                     for t in dev_teacher if t.strip()]
 
     # 2. fairseq-train fine-tuned the pair's small model (same architecture) on those outputs
     log = (work / "train.log").read_text()

@@ -55,7 +55,7 @@ def test_exact_bild_equals_stock_big_greedy_on_shipped_pair(shipped):
     sources = read(PAIRS[name][0], 40)
     t = PairTranslator.from_pair_dir(pair, mode="bild", exact=True)
     big = t.generator.model.single_model
-    stock = SequenceGenerator([big], t.task.target_dictionary, beam_size=1, max_len_b=200)
+    stock = SequenceGenerator([big], t.task.target_dictionary, beam_size=1, **t.spec.generation)
     pipe, d = t.spec.text_pipeline(), t.task.source_dictionary
     encoded = [d.encode_line(pipe.encode(s), add_if_not_exist=False).long()[-t.max_source_tokens:] for s in sources]
 

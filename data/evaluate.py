@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bild_fairseq.api import PairTranslator  # noqa: E402
 from bild_fairseq.incremental import IncrementalDecoder  # noqa: E402
+from bild_fairseq.pairdir import PairSpec  # noqa: E402
 from bild_fairseq.scoring import score_task  # noqa: E402
 from data.corpora import CORPORA  # noqa: E402
 
@@ -68,12 +69,17 @@ def evaluate(corpus_name: str, pair_dir: Path, limit: int | None) -> dict:
     sources = read(corpus.path("test", corpus.src_suffix), limit)
     refs = read(corpus.path("test", corpus.tgt_suffix), limit)
     report = {"pair": str(pair_dir), "test_lines": len(sources), "models": {}}
-    for mode in ("big", "small"):
-        t = PairTranslator.from_pair_dir(pair_dir, mode=mode)
+    default_small = PairSpec.load(pair_dir).small
+    # rows: big, the pair's small model, then any other small model in the directory (e.g. the
+    # unaligned small.pt next to a distilled default)
+    others = sorted(f.name for f in pair_dir.glob("small*.pt") if f.name != default_small)
+    for row, mode, checkpoint in [("big", "big", None), ("small", "small", None), *[(n, "small", n) for n in others]]:
+        t = PairTranslator.from_pair_dir(pair_dir, mode=mode, small_checkpoint=checkpoint)
         model = t.generator.model.single_model
         out = t.translate(sources, max_tokens=4000)
         report["task"] = t.spec.task
-        report["models"][mode] = {
+        report["models"][row] = {
+            "file": t.settings["models"][0],
             "scores": [s.to_dict() for s in score_task(t.spec.task, out.hypotheses, refs)],
             "parameters": sum(p.numel() for p in model.parameters()),
             "decoder_macs_per_token": decoder_macs_per_token(model),
@@ -92,9 +98,9 @@ def markdown(report: dict, command: str) -> str:
     lines = [f"Test split: {report['test_lines']} lines. Reproduce: `{command}`", "",
              "| model | " + " | ".join(names) + " | parameters | decoder MACs/token | decoder step (ms, batch 1) |",
              "|---" * (len(names) + 4) + "|"]
-    for mode, m in report["models"].items():
+    for row, m in report["models"].items():
         scores = " | ".join(f"{s['value']:.2f}" for s in m["scores"])
-        lines.append(f"| {mode} | {scores} | {m['parameters'] / 1e6:.2f}M | {m['decoder_macs_per_token'] / 1e6:.2f}M "
+        lines.append(f"| {row} (`{m['file']}`) | {scores} | {m['parameters'] / 1e6:.2f}M | {m['decoder_macs_per_token'] / 1e6:.2f}M "
                      f"| {m['decoder_step_ms']:.2f} |")
     lines += ["", f"Big/small decoder MACs per token: {report['decoder_macs_ratio']:.1f}x; "
                   f"measured decoder step time: {report['decoder_step_time_ratio']:.1f}x.", "",

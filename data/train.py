@@ -78,6 +78,7 @@ def export_pair(corpus: Corpus, work: Path, out: Path) -> Path:
         moses_source_lang=corpus.src_lang, moses_target_lang=corpus.tgt_lang,
         max_source_tokens=corpus.max_source_tokens,
         bild=old.bild if old else dict(DEFAULT_BILD),  # keep thresholds a sweep wrote
+        small=old.small if old and (out / old.small).is_file() else "small.pt",  # and an aligned default
         generation={"max_len_a": 0, "max_len_b": corpus.max_len_b},
     )
     spec.save()

@@ -83,3 +83,27 @@ def test_scores_refuse_misaligned_files_and_pick_the_task_metric():
         bleu(["a", "b"], ["a"])
     assert [s.name for s in score_task("summarization", ["a b"], ["a b"])] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
     assert [s.name for s in score_task("translation", ["a b"], ["a b"])] == ["BLEU", "chrF"]
+
+
+def test_evaluate_reports_every_small_model_of_a_pair(tiny_pair, tmp_path):
+    """data/evaluate.py scores big, the pair's default small model and any other small*.pt."""
+    import shutil
+    import sys
+
+    from bild_fairseq.pairdir import PairSpec
+
+    sys.path.insert(0, str(ROOT))
+    from data.evaluate import evaluate, markdown
+
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny_pair, pair)
+    shutil.copy(pair / "small.pt", pair / "small-aligned.pt")
+    spec = PairSpec.load(pair)
+    spec.small = "small-aligned.pt"
+    spec.save()
+    report = evaluate("deen", pair, limit=4)
+    assert {row: m["file"] for row, m in report["models"].items()} == {
+        "big": "big.pt", "small": "small-aligned.pt", "small.pt": "small.pt"}
+    assert report["test_lines"] == 4 and report["decoder_macs_ratio"] > 0
+    md = markdown(report, "python data/evaluate.py deen")
+    assert "| small (`small-aligned.pt`) |" in md and "| small.pt (`small.pt`) |" in md

@@ -196,8 +196,8 @@ class IncrementalDecoder:
         # write the new keys/values into their slots: cache[row, :, slot] = (H, Dh)
         cache.self_k[i][row_idx, :, slots] = _heads(attn.k_proj(x), attn.num_heads).transpose(1, 2)
         cache.self_v[i][row_idx, :, slots] = _heads(attn.v_proj(x), attn.num_heads).transpose(1, 2)
-        # slice to the visible slots before gathering rows: the gather copies, and the cache is
-        # allocated for the longest possible output
+        # slice to the visible slots before gathering rows: the gather copies, and the buffers
+        # hold up to twice the longest cached length (plus rows' unused tails)
         keys = _rows(cache.self_k[i][:, :, :visible], rows, all_rows)
         values = _rows(cache.self_v[i][:, :, :visible], rows, all_rows)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

@@ -30,7 +30,7 @@ COMMON = [
     "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "400", "--warmup-init-lr", "1e-07",
     "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
     "--weight-decay", "0.0001", "--max-tokens", "4096", "--no-progress-bar", "--log-interval", "50",
-    "--save-interval-updates", "500", "--keep-interval-updates", "1", "--no-epoch-checkpoints",
+    "--save-interval-updates", "500", "--keep-interval-updates", "5", "--no-epoch-checkpoints",
     "--user-dir", str(ROOT / "bild_fairseq"), "--num-workers", "0", "--seed", "1",
 ]
 
@@ -52,10 +52,13 @@ SIZES = {
 }
 
 
-def train(bin_dir: Path, save_dir: Path, size: str, hours: float, max_epoch: int, threads: int) -> Path:
+def train(bin_dir: Path, save_dir: Path, size: str, hours: float, max_epoch: int, threads: int,
+          dropout: float | None = None) -> Path:
     save_dir.mkdir(parents=True, exist_ok=True)
     cmd = ["fairseq-train", str(bin_dir), *COMMON, *SIZES[size], "--save-dir", str(save_dir),
            "--stop-time-hours", str(hours), "--max-epoch", str(max_epoch)]
+    if dropout is not None:  # fairseq: the last occurrence of an option wins
+        cmd += ["--dropout", str(dropout)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(save_dir / "train.log", "a") as log:
         print(" ".join(cmd), file=log, flush=True)
@@ -63,11 +66,22 @@ def train(bin_dir: Path, save_dir: Path, size: str, hours: float, max_epoch: int
     return save_dir / "checkpoint_best.pt"
 
 
-def export_pair(corpus: Corpus, work: Path, out: Path) -> Path:
+def shipped_checkpoints(ckpt_dir: Path, average: int) -> list[Path]:
+    """``checkpoint_best.pt``, or the last ``average`` interval checkpoints (to be averaged)."""
+    if average <= 1:
+        return [ckpt_dir / "checkpoint_best.pt"]
+    interval = sorted(ckpt_dir.glob("checkpoint_*_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if len(interval) < average:
+        raise SystemExit(f"{ckpt_dir} holds {len(interval)} interval checkpoints but averaging asks for {average}: "
+                         f"train longer (every 500 updates keeps one, up to --keep-interval-updates) or average fewer")
+    return interval[-average:]
+
+
+def export_pair(corpus: Corpus, work: Path, out: Path, average_big: int = 1) -> Path:
     """Write a pair directory: fp16 inference checkpoints, dictionaries, BPE codes, pair.json."""
     out.mkdir(parents=True, exist_ok=True)
-    for size in ("big", "small"):
-        export_for_inference(work / f"ckpt-{size}" / "checkpoint_best.pt", out / f"{size}.pt", fp16=True)
+    for size, average in (("big", average_big), ("small", 1)):
+        export_for_inference(shipped_checkpoints(work / f"ckpt-{size}", average), out / f"{size}.pt", fp16=True)
     for suffix in (corpus.src_suffix, corpus.tgt_suffix):
         shutil.copy(work / "bin" / f"dict.{suffix}.txt", out / f"dict.{suffix}.txt")
     shutil.copy(work / "bpe.codes", out / "bpe.codes")
@@ -94,7 +108,11 @@ def main() -> None:
     parser.add_argument("--hours-small", type=float, default=0.25, help="wall-clock budget for the small model")
     parser.add_argument("--max-epoch", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dropout", type=float,
+                        help="override the model size's dropout (0.1), e.g. when resuming a model that overfits")
     parser.add_argument("--export-only", action="store_true", help="only write the pair directory")
+    parser.add_argument("--average-big", type=int, default=1, metavar="N",
+                        help="ship the mean of the big model's last N interval checkpoints instead of the best one")
     parser.add_argument("--pair-dir", type=Path, help="pair directory to write (default data/pairs/CORPUS)")
     args = parser.parse_args()
     work = args.work or ROOT / "data" / "work" / args.corpus
@@ -104,9 +122,10 @@ def main() -> None:
     for size in ("small", "big"):
         if args.only in (None, size) and not args.export_only:
             hours = args.hours_big if size == "big" else args.hours_small
-            print(train(bin_dir, work / f"ckpt-{size}", size, hours, args.max_epoch, args.threads))
+            print(train(bin_dir, work / f"ckpt-{size}", size, hours, args.max_epoch, args.threads, args.dropout))
     if args.only is None or args.export_only:
-        print(export_pair(CORPORA[args.corpus], work, args.pair_dir or ROOT / "data" / "pairs" / args.corpus))
+        print(export_pair(CORPORA[args.corpus], work, args.pair_dir or ROOT / "data" / "pairs" / args.corpus,
+                          args.average_big))
 
 
 if __name__ == "__main__":

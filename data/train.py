@@ -3,6 +3,7 @@
     python data/train.py deen            # prepare (if needed), train small + big, export data/pairs/deen
     python data/train.py summ --hours-big 0.6
     python data/train.py deen --export-only   # (re)write data/pairs/deen from the best checkpoints
+    python data/train.py summ --only big --hours-big 8 -- --dropout 0.3   # extra fairseq-train options
 
 Training resumes from the last checkpoint when rerun (fairseq's checkpoint_last.pt). Sizes are
 chosen for 2 CPU cores: see data/README.md for the reasoning and the measured results.
@@ -53,12 +54,11 @@ SIZES = {
 
 
 def train(bin_dir: Path, save_dir: Path, size: str, hours: float, max_epoch: int, threads: int,
-          dropout: float | None = None) -> Path:
+          extra: list[str]) -> Path:
     save_dir.mkdir(parents=True, exist_ok=True)
+    # extra options come last: for fairseq the last occurrence of an option wins
     cmd = ["fairseq-train", str(bin_dir), *COMMON, *SIZES[size], "--save-dir", str(save_dir),
-           "--stop-time-hours", str(hours), "--max-epoch", str(max_epoch)]
-    if dropout is not None:  # fairseq: the last occurrence of an option wins
-        cmd += ["--dropout", str(dropout)]
+           "--stop-time-hours", str(hours), "--max-epoch", str(max_epoch), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(save_dir / "train.log", "a") as log:
         print(" ".join(cmd), file=log, flush=True)
@@ -108,13 +108,16 @@ def main() -> None:
     parser.add_argument("--hours-small", type=float, default=0.25, help="wall-clock budget for the small model")
     parser.add_argument("--max-epoch", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dropout", type=float,
-                        help="override the model size's dropout (0.1), e.g. when resuming a model that overfits")
     parser.add_argument("--export-only", action="store_true", help="only write the pair directory")
     parser.add_argument("--average-big", type=int, default=1, metavar="N",
                         help="ship the mean of the big model's last N interval checkpoints instead of the best one")
     parser.add_argument("--pair-dir", type=Path, help="pair directory to write (default data/pairs/CORPUS)")
-    args = parser.parse_args()
+    parser.epilog = ("Options after -- go to fairseq-train verbatim and override the recipe's "
+                     "(e.g. -- --dropout 0.3 when resuming a model that overfits).")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    fairseq_args = argv[split + 1:]
     work = args.work or ROOT / "data" / "work" / args.corpus
     bin_dir = work / "bin"
     if not (bin_dir / "preprocess.log").exists():
@@ -122,7 +125,7 @@ def main() -> None:
     for size in ("small", "big"):
         if args.only in (None, size) and not args.export_only:
             hours = args.hours_big if size == "big" else args.hours_small
-            print(train(bin_dir, work / f"ckpt-{size}", size, hours, args.max_epoch, args.threads, args.dropout))
+            print(train(bin_dir, work / f"ckpt-{size}", size, hours, args.max_epoch, args.threads, fairseq_args))
     if args.only is None or args.export_only:
         print(export_pair(CORPORA[args.corpus], work, args.pair_dir or ROOT / "data" / "pairs" / args.corpus,
                           args.average_big))

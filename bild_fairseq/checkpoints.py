@@ -59,7 +59,7 @@ def export_for_inference(src: Path | Sequence[Path], dst: Path, fp16: bool = Tru
     sources = [src] if isinstance(src, Path) else list(src)
     # weights-only loads, with the fairseq allow-list
     states = [torch.load(path, map_location="cpu") for path in sources]
-    model = average_states([s["model"] for s in states]) if len(states) > 1 else states[0]["model"]
+    model = average_states([s["model"] for s in states])  # the mean of one is that one, exactly
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(inference_state(states[-1]["cfg"], model, fp16), dst)
     return dst

@@ -1,11 +1,14 @@
 """Data preparation, text round trips and scoring helpers on the real shipped corpora."""
 import lzma
+import shutil
 import subprocess
 
 import pytest
 
+from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.scoring import bleu, chrf, rouge, score_task
 from bild_fairseq.text import TextPipeline
+from data.evaluate import evaluate, markdown
 from tiny import ROOT
 
 
@@ -87,14 +90,6 @@ def test_scores_refuse_misaligned_files_and_pick_the_task_metric():
 
 def test_evaluate_reports_every_small_model_of_a_pair(tiny_pair, tmp_path):
     """data/evaluate.py scores big, the pair's default small model and any other small*.pt."""
-    import shutil
-    import sys
-
-    from bild_fairseq.pairdir import PairSpec
-
-    sys.path.insert(0, str(ROOT))
-    from data.evaluate import evaluate, markdown
-
     pair = tmp_path / "pair"
     shutil.copytree(tiny_pair, pair)
     shutil.copy(pair / "small.pt", pair / "small-aligned.pt")

@@ -4,9 +4,13 @@
 
 1. The cost of one decoder pass of each model over k new tokens (batch 1, after a 20-token
    prefix): BiLD bets that the big model verifying k tokens in one pass costs about one pass.
-2. Each variant's decoding time at batch 1 split into model forward passes and the loop's own
+   ``step`` is the specialised one-token pass the loop uses where it can.
+2. Each variant's decoding time at batch 1 split into model passes and the loop's own
    bookkeeping, by timing the generator's step methods (a diagnostic: the wrappers add a few
-   microseconds per call).
+   microseconds per call), and the host reads per loop iteration: every call that turns a
+   tensor into a Python value (``item``, ``tolist``, ``bool``/``int``/``float``, ``nonzero``),
+   each of which stalls a GPU's launch queue. Runs on older checkouts too (it looks the step
+   methods up by name), which is how BENCHMARKS.md compares the old and the new engine.
 """
 from __future__ import annotations
 
@@ -20,7 +24,14 @@ from bild_fairseq import generator, incremental
 from jobs.measure import Batching, PairModels, Variant, encode, generate, plan_batches, read_lines, stats_of
 
 KS = (1, 2, 4, 8, 11)
-STEPS = {"_small_step": "small step", "_big_step": "big step", "forward": "decoder forward", "start": "cache start"}
+#: timed methods (old engine's names, then the new one's) -> column label
+STEPS = {("_small_step", "_propose"): "small step", ("_big_step", "_verify"): "big step",
+         ("forward",): "decoder forward", ("step",): "decoder step", ("start",): "cache start"}
+#: columns: decoder calls are split by model
+COLUMNS = ("small step", "small decoder forward", "small decoder step", "big step", "big decoder forward",
+           "big decoder step", "small cache start", "big cache start")
+#: tensor methods that read device values into Python
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
 
 def pass_costs(models: PairModels, source: torch.Tensor, repeats: int = 200) -> dict[str, dict[int, float]]:
@@ -41,38 +52,76 @@ def pass_costs(models: PairModels, source: torch.Tensor, repeats: int = 200) -> 
                     decoder.forward(cache, rows, tokens, counts)
                     cache.length[0] = 20
                 out[name][k] = (time.perf_counter() - t0) / repeats * 1e3
+            if hasattr(decoder, "step"):
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    decoder.step(cache, torch.full((1,), 5), 21)
+                    cache.length[0] = 20
+                out[name]["step"] = (time.perf_counter() - t0) / repeats * 1e3
     return out
 
 
 class StepTimer:
-    """Wraps the generator's step methods with timers (seconds and calls per method)."""
+    """Wraps the generator's step methods with timers (seconds and calls per label) and counts
+    host reads; ``iterations`` counts loop iterations (small steps, or big steps without one)."""
 
-    def __init__(self):
+    def __init__(self, generator_, single_model: str | None = None):
+        """``single_model``: the model a one-model variant decodes with (its loop's decoder is
+        the generator's ``big`` one, whichever model that is)."""
+        self.decoders = {id(generator_.small): "small", id(generator_.big): single_model or "big"}
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
+        self.reads, self.reads_in_steps = 0, 0
+        self._in_step = 0
         self._originals = []
 
     def __enter__(self) -> "StepTimer":
-        for owner, name in ((generator.BildSequenceGenerator, "_small_step"),
-                            (generator.BildSequenceGenerator, "_big_step"),
-                            (incremental.IncrementalDecoder, "forward"), (incremental.IncrementalDecoder, "start")):
-            original = getattr(owner, name)
-            self._originals.append((owner, name, original))
-            setattr(owner, name, self._timed(name, original))
+        for names, label in STEPS.items():
+            owner = incremental.IncrementalDecoder if names[0] in ("forward", "step", "start") \
+                else generator.BildSequenceGenerator
+            for name in names:
+                if hasattr(owner, name):
+                    self._patch(owner, name, self._timed(label, getattr(owner, name)))
+        for name in READS:
+            self._patch(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
         return self
 
-    def _timed(self, name, original):
+    def _patch(self, owner, name, wrapper) -> None:
+        self._originals.append((owner, name, owner.__dict__.get(name)))
+        setattr(owner, name, wrapper)
+
+    def _timed(self, label, original):
         def timed(*args, **kwargs):
+            if id(args[0]) in self.decoders:
+                label_ = f"{self.decoders[id(args[0])]} {label}"
+            else:
+                label_ = label
             t0 = time.perf_counter()
+            self._in_step += 1
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[name] += time.perf_counter() - t0
-                self.calls[name] += 1
+                self._in_step -= 1
+                self.seconds[label_] += time.perf_counter() - t0
+                self.calls[label_] += 1
         return timed
 
+    def _counted(self, original):
+        def counted(*args, **kwargs):
+            self.reads += 1
+            self.reads_in_steps += self._in_step > 0
+            return original(*args, **kwargs)
+        return counted
+
+    @property
+    def iterations(self) -> int:
+        return self.calls["small step"] or self.calls["big step"]
+
     def __exit__(self, *exc) -> None:
-        for owner, name, original in self._originals:
-            setattr(owner, name, original)
+        for owner, name, original in reversed(self._originals):
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
 
 
 def main() -> None:
@@ -87,27 +136,34 @@ def main() -> None:
     sources = encode(models.base, read_lines(args.source, args.limit))
 
     costs = pass_costs(models, max(sources, key=lambda s: s.numel()))
-    print("| model | " + " | ".join(f"k={k}" for k in KS) + " |\n|---|" + "---|" * len(KS))
+    print("| model | " + " | ".join(f"forward k={k}" for k in KS) + " | step |\n|---|" + "---|" * (len(KS) + 1))
     for name, row in costs.items():
-        print(f"| {name} | " + " | ".join(f"{row[k]:.3f} ms" for k in KS) + " |")
+        print(f"| {name} | " + " | ".join(f"{row[k]:.3f} ms" for k in KS)
+              + (f" | {row['step']:.3f} ms |" if "step" in row else " | — |"))
 
-    print("\n| variant | ms/token | tokens/big call | "
-          + " | ".join(f"{label}: ms/call (calls/token)" for label in STEPS.values()) + " |")
-    print("|---|---|---|" + "---|" * len(STEPS))
+    print("\n`small step` / `big step`: the loop's propose / verify methods (a one-model variant's greedy step "
+          "is its verify method, shown as `big step`); `decoder forward` / `decoder step`: the models' own passes.")
+    print("Host reads per loop iteration: inside the step methods (the loop adds one more read of its own "
+          "in both engines); all reads, per-sentence setup and teardown included.\n")
+    print("| variant | ms/token | tokens/big call | host reads/iteration: in steps, all | "
+          + " | ".join(f"{label}: ms/call (calls/token)" for label in COLUMNS) + " |")
+    print("|---|---|---|---|" + "---|" * len(COLUMNS))
     batches = [[sources[i] for i in batch] for batch in plan_batches(sources, Batching(1, 10**6))]
     for v in variants:
         translator = models.translator(v)
         generate(translator, batches[0])  # warm
         before = stats_of(translator)
-        with StepTimer() as timer:
+        with StepTimer(translator.generator, None if v.mode == "bild" else v.mode) as timer:
             seconds, tokens = 0.0, 0
             for batch in batches:
                 elapsed, outputs = generate(translator, batch)
                 seconds, tokens = seconds + elapsed, tokens + sum(o.numel() for o in outputs)
         big_calls = stats_of(translator).big_calls - before.big_calls
         cells = [f"{1e3 * timer.seconds[m] / timer.calls[m]:.3f} ({timer.calls[m] / tokens:.2f})" if timer.calls[m]
-                 else "—" for m in STEPS]
-        print(f"| {v.name} | {1e3 * seconds / tokens:.3f} | {tokens / big_calls:.2f} | " + " | ".join(cells) + " |")
+                 else "—" for m in COLUMNS]
+        print(f"| {v.name} | {1e3 * seconds / tokens:.3f} | {tokens / big_calls:.2f} | "
+              f"{timer.reads_in_steps / timer.iterations:.2f}, {timer.reads / timer.iterations:.2f} | "
+              + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -4,20 +4,28 @@ Per batch (every sentence keeps its own state; the big model runs only on senten
 
     encode the batch with both encoders
     while some sentence is unfinished:
-        small model: catch up on its unseen tokens, propose the argmax of the next position
-        fallback policy: confident and under max-small-steps -> keep the proposal
-        big model, for sentences that fell back or proposed EOS: one pass over all its unseen
-            tokens -> rollback policy on the small tokens since its last pass;
+        propose (small model): feed each sentence's newest token, take the argmax of the next
+            position; fallback policy: confident and under max-small-steps -> keep the proposal
+        read the iteration's counters (the loop's one host sync): who needs the big model,
+            how many unseen tokens, who finished -> finished sentences leave the batch
+        verify (big model), for sentences that fell back or proposed EOS: one pass over all
+            their unseen tokens -> rollback policy on the small tokens since its last pass;
             rejected -> replace the first rejected token by the big argmax, cut the rest,
                         truncate both caches
             accepted -> a verified EOS ends the sentence, else append the big model's next token
 
 With no small model the same loop is plain greedy decoding of one model (the project's own
 big-only baseline). Deliberate deviations from the official BiLD code are listed in the README.
+
+Per-step cost: the small model always feeds exactly one token per sentence (its cache is kept
+one token behind), so proposing uses :meth:`IncrementalDecoder.step`, the specialised one-token
+pass; so does verification when every sentence has one unseen token (the big-only loop). Every
+decision stays on the device; counters are read once per iteration as one small tensor, and the
+statistics once per batch.
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 from torch import Tensor
@@ -27,15 +35,11 @@ from fairseq.sequence_generator import SequenceGenerator
 from bild_fairseq.config import BildOptionError, check_thresholds
 from bild_fairseq.incremental import DecoderCache, IncrementalDecoder
 from bild_fairseq.policies import fallback, first_rollback
+from bild_fairseq.rules import SearchRules
 from bild_fairseq.stats import BildStats
 
-
-def _ragged(tokens: Tensor, rows: Tensor, start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
-    """tokens[r, start[r]:end[r]] for each row, right-padded to a (R, K) tensor, and the counts."""
-    counts = end - start
-    k = int(counts.max())
-    idx = (start.unsqueeze(1) + torch.arange(k, device=tokens.device)).clamp(max=tokens.size(1) - 1)
-    return tokens[rows].gather(1, idx), counts
+#: the per-batch counters kept on the device (BildStats fields)
+COUNTERS = ("small_steps", "fallbacks", "eos_checks", "big_calls", "rollbacks")
 
 
 class BildSequenceGenerator(SequenceGenerator):
@@ -68,25 +72,9 @@ class BildSequenceGenerator(SequenceGenerator):
         self.rollback_threshold = rollback_threshold
         self.max_small_steps = max_small_steps
         self.exact = exact
+        self.rules = SearchRules(len(tgt_dict), self.pad, self.unk, self.eos, self.unk_penalty,
+                                 self.token_indices_to_suppress, self.min_len)
         self.stats = BildStats()
-
-    # -- the search's constraints, applied identically to both models' distributions ----------
-
-    def _constrain(self, lprobs: Tensor, step: Tensor, max_len: Tensor) -> Tensor:
-        """fairseq's per-step rules: never pad, unk penalty, min length, EOS forced at max length.
-
-        lprobs: (..., V); step and max_len broadcast against lprobs[..., 0].
-        """
-        lprobs = lprobs.masked_fill(lprobs != lprobs, -math.inf)
-        lprobs[..., self.pad] = -math.inf
-        lprobs[..., self.unk] -= self.unk_penalty
-        if self.token_indices_to_suppress is not None:
-            lprobs[..., self.token_indices_to_suppress.long()] = -math.inf
-        eos_col = lprobs[..., self.eos].clone()
-        at_max = (step >= max_len).unsqueeze(-1)
-        lprobs = lprobs.masked_fill(at_max, -math.inf)
-        lprobs[..., self.eos] = torch.where(step < self.min_len, -math.inf, eos_col)
-        return lprobs
 
     # -- SequenceGenerator contract ---------------------------------------------------------
 
@@ -96,96 +84,117 @@ class BildSequenceGenerator(SequenceGenerator):
             raise BildOptionError("BiLD does not support --prefix-size or --constraints")
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
-        bsz = src_tokens.size(0)
+        bsz, device = src_tokens.size(0), src_tokens.device
         src_lengths = (src_tokens.ne(self.eos) & src_tokens.ne(self.pad)).long().sum(dim=1)
         # per-sentence max length (fairseq uses the padded batch length, which makes a sentence's
         # output depend on its batch when max_len_a > 0)
         max_len = torch.clamp((self.max_len_a * src_lengths.float() + self.max_len_b).long(), max=self.max_len - 1)
         if self.min_len > int(max_len.min()):
             raise BildOptionError("min_len cannot be larger than max_len, please adjust these!")
+        if self.rules.bias.device != device:
+            self.rules.to(device)
 
-        width = int(max_len.max()) + 2
         big_cache = self.big.start(self.model.single_model.encoder.forward_torchscript(net_input))
         small_cache = (self.small.start(self.small_model.encoder.forward_torchscript(net_input))
                        if self.small is not None else None)
         caches = [c for c in (big_cache, small_cache) if c is not None]
-        state = _BatchState(bsz, width, src_tokens.device, self.eos if bos_token is None else bos_token, max_len)
+        state = _BatchState(bsz, int(max_len.max()) + 3, device, self.eos if bos_token is None else bos_token, max_len)
         hypotheses: list[list[dict]] = [[] for _ in range(bsz)]
-        while state.size > 0:
+        n_max = 1
+        while True:
             if small_cache is not None:
-                self._small_step(state, small_cache)
-            self._big_step(state, big_cache, small_cache)
-            if bool(state.finished.any()):  # finished sentences leave the batch and its caches
+                self._propose(state, small_cache, n_max + 1)
+            else:
+                state.needs_big = ~state.finished
+            n_need, k_max, n_max, n_done = state.read(big_cache.length)
+            if n_done:  # finished sentences leave the batch and its caches
                 done, keep = state.finished.nonzero().squeeze(1), (~state.finished).nonzero().squeeze(1)
                 for sentence, hypo in zip(state.ids[done].tolist(), self._hypotheses(state, done)):
                     hypotheses[sentence] = [hypo]
+                if n_done == state.size:
+                    break
                 state.select(keep)
                 for cache in caches:
                     cache.select(keep)
+            if n_need:
+                self._verify(state, big_cache, small_cache, n_need, k_max, n_max)
         self.stats.sentences += bsz
+        for name, value in zip(COUNTERS, state.counters.tolist()):
+            setattr(self.stats, name, getattr(self.stats, name) + int(value))
         return hypotheses
 
-    def _small_step(self, s: "_BatchState", cache: DecoderCache) -> None:
-        """Small model proposes one token for every unfinished sentence; marks hand-overs."""
-        rows = torch.arange(s.size, device=s.n.device)  # every sentence in the batch is unfinished
-        feed, counts = _ragged(s.tokens, rows, cache.length[rows], s.n[rows])
-        lprobs = self.small.forward(cache, rows, feed, counts)
-        last = lprobs[torch.arange(rows.numel(), device=rows.device), counts - 1]
-        best_lp, best = self._constrain(last, s.n[rows] - 1, s.max_len[rows]).max(dim=-1)
-        self.stats.small_steps += rows.numel()
-        hand_over = fallback(best_lp, s.run[rows], self.fallback_threshold, self.max_small_steps)
-        self.stats.fallbacks += int(hand_over.sum())
-        s.needs_big[rows[hand_over]] = True
-        keep, kept = rows[~hand_over], best[~hand_over]
-        s.append(keep, kept, from_big=False)
-        s.run[keep] += 1
-        # a small-model EOS ends the sentence only once the big model has verified it
-        s.needs_big[keep[kept == self.eos]] = True
-        self.stats.eos_checks += int((kept == self.eos).sum())
+    def _propose(self, s: "_BatchState", cache: DecoderCache, visible: int) -> None:
+        """Small model proposes one token for every unfinished sentence; marks hand-overs.
 
-    def _big_step(self, s: "_BatchState", cache: DecoderCache, small_cache: DecoderCache | None) -> None:
+        Its cache holds every token but the newest, so it feeds exactly that one token."""
+        last = s.tokens.gather(1, (s.n - 1).unsqueeze(1)).squeeze(1)
+        lprobs = self.rules.apply(self.small.step(cache, last, visible), s.n - 1, s.max_len)
+        best_lp, best = lprobs.max(dim=-1)
+        active = ~s.finished  # finished sentences ride along until the next read removes them
+        hand_over = fallback(best_lp, s.run, self.fallback_threshold, self.max_small_steps) & active
+        keep = active & ~hand_over
+        # written at every row's next position; only kept rows advance over it
+        s.tokens.scatter_(1, s.n.unsqueeze(1), best.unsqueeze(1))
+        s.from_big.scatter_(1, s.n.unsqueeze(1), False)
+        s.n += keep
+        s.run += keep
+        # a small-model EOS ends the sentence only once the big model has verified it
+        eos_check = keep & (best == self.eos)
+        s.needs_big = hand_over | eos_check
+        s.count(small_steps=active, fallbacks=hand_over, eos_checks=eos_check)
+
+    def _verify(self, s: "_BatchState", cache: DecoderCache, small_cache: DecoderCache | None,
+                n_need: int, k_max: int, n_max: int) -> None:
         """One parallel big-model pass over each needing sentence's unseen tokens, then rollback."""
-        rows = (s.needs_big if small_cache is not None else ~s.finished).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return
-        self.stats.big_calls += rows.numel()
-        start, n = cache.length[rows], s.n[rows]
-        feed, counts = _ragged(s.tokens, rows, start, n)
-        entry = torch.arange(feed.size(1), device=feed.device).unsqueeze(0)
+        all_rows = n_need == s.size
+        rows = torch.arange(s.size, device=s.n.device) if all_rows else torch.nonzero_static(
+            s.needs_big, size=n_need).squeeze(1)
+        start, n, max_len = cache.length[rows], s.n[rows], s.max_len[rows]
+        counts = n - start
+        entry = torch.arange(k_max, device=rows.device).unsqueeze(0)
         positions = start.unsqueeze(1) + 1 + entry  # entry j predicts the token at start + 1 + j
-        lprobs = self._constrain(self.big.forward(cache, rows, feed, counts), positions - 1, s.max_len[rows, None])
+        tokens = s.tokens[rows]
+        if k_max == 1 and all_rows:  # every sentence has one unseen token: the one-token pass
+            lprobs = self.big.step(cache, tokens.gather(1, start.unsqueeze(1)).squeeze(1), n_max).unsqueeze(1)
+        else:
+            feed = tokens.gather(1, (positions - 1).clamp(max=tokens.size(1) - 1))
+            lprobs = self.big.forward(cache, rows, feed, counts, visible=n_max, all_rows=all_rows)
+        lprobs = self.rules.apply(lprobs, positions - 1, max_len.unsqueeze(1))
         # entries 0 .. counts-2 score the small model's tokens since the big model's last pass;
         # tokens the search forced (EOS at max length) are not the small model's choice
-        proposals = s.tokens[rows].gather(1, positions.clamp(max=s.tokens.size(1) - 1))
-        checkable = (entry < (counts - 1).unsqueeze(1)) & (positions - 1 < s.max_len[rows, None])
+        at = positions.clamp(max=tokens.size(1) - 1)
+        proposals = tokens.gather(1, at)
+        checkable = (entry < (counts - 1).unsqueeze(1)) & (positions - 1 < max_len.unsqueeze(1))
         cut = torch.minimum(first_rollback(lprobs, proposals, checkable, self.rollback_threshold, self.exact),
                             counts - 1)
         rolled = cut < counts - 1
-        self.stats.rollbacks += int(rolled.sum())
+        # the big model's scores for the small tokens it accepted (other entries keep theirs)
         proposal_scores = lprobs.gather(-1, proposals.unsqueeze(-1)).squeeze(-1)
-        s.score(rows, positions, proposal_scores, entry < cut.unsqueeze(1))
+        old_scores = s.scores[rows.unsqueeze(1), at]
+        s.scores[rows.unsqueeze(1), at] = torch.where(entry < cut.unsqueeze(1), proposal_scores, old_scores)
         # the big model's own token goes at the cut: the rejected position, or the next one
         r = torch.arange(rows.numel(), device=rows.device)
-        big_token = lprobs[r, cut].argmax(-1)
-        big_score = lprobs[r, cut, big_token]
-        verified_eos = ~rolled & (n > 1) & (s.tokens[rows, n - 1] == self.eos)
-        grow = ~verified_eos
-        s.n[rows[grow]] = (start + 1 + cut)[grow]
-        s.append(rows[grow], big_token[grow], from_big=True, score=big_score[grow])
-        s.finished[rows[verified_eos]] = True
-        s.finished[rows[grow][big_token[grow] == self.eos]] = True
+        big_lp, big_token = lprobs[r, cut].max(dim=-1)
+        verified_eos = ~rolled & (n > 1) & (tokens[r, n - 1] == self.eos)
+        new_n = start + 1 + cut  # == n for a verified EOS: nothing is appended then
+        s.tokens[rows, new_n] = big_token
+        s.from_big[rows, new_n] = True
+        s.scores[rows, new_n] = big_lp
+        s.n[rows] = new_n + ~verified_eos
+        s.finished[rows] = verified_eos | (big_token == self.eos)
         # both caches keep only tokens before the newest one, which neither model has consumed
-        cache.truncate(rows, s.n[rows] - 1)
-        if small_cache is not None:
-            small_cache.truncate(rows, s.n[rows] - 1)
+        for c in (cache, small_cache):
+            if c is not None:
+                c.length[rows] = torch.minimum(c.length[rows], s.n[rows] - 1)
         s.run[rows] = 0
         s.needs_big[rows] = False
+        s.count(rollbacks=rolled)
+        s.counters[COUNTERS.index("big_calls")] += n_need
 
     def _hypotheses(self, s: "_BatchState", rows: Tensor) -> list[dict]:
         """SequenceGenerator's hypothesis dicts for finished sentences ``rows``; counts their tokens."""
         out = []
-        for b in rows.tolist():
-            n = int(s.n[b])
+        for b, n in zip(rows.tolist(), s.n[rows].tolist()):
             tokens = s.tokens[b, 1:n].clone()
             pos_scores = s.scores[b, 1:n].clone()
             score = pos_scores.sum()
@@ -202,10 +211,12 @@ class BildSequenceGenerator(SequenceGenerator):
 
 class _BatchState:
     """Tokens, scores and progress of the unfinished sentences of a batch (``ids``: their
-    positions in the batch as given)."""
+    positions in the batch as given), and the batch's counters, all on the device."""
 
     def __init__(self, bsz: int, width: int, device, bos: int, max_len: Tensor):
         self.ids = torch.arange(bsz, device=device)
+        # width: room for max_len tokens, BOS, the forced EOS, and one scratch column that
+        # clamped (padding) indices may write to
         self.tokens = torch.full((bsz, width), bos, dtype=torch.long, device=device)
         self.scores = torch.zeros(bsz, width, device=device)
         self.from_big = torch.zeros(bsz, width, dtype=torch.bool, device=device)
@@ -214,6 +225,7 @@ class _BatchState:
         self.needs_big = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.max_len = max_len
+        self.counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
 
     @property
     def size(self) -> int:
@@ -222,16 +234,22 @@ class _BatchState:
     def select(self, rows: Tensor) -> None:
         """Keep only sentences ``rows`` (in that order)."""
         for name, value in vars(self).items():
-            setattr(self, name, value.index_select(0, rows))
+            if name != "counters":
+                setattr(self, name, value.index_select(0, rows))
 
-    def append(self, rows: Tensor, tokens: Tensor, from_big: bool, score: Tensor | None = None) -> None:
-        pos = self.n[rows]
-        self.tokens[rows, pos] = tokens
-        self.from_big[rows, pos] = from_big
-        if score is not None:
-            self.scores[rows, pos] = score
-        self.n[rows] = pos + 1
+    def count(self, **events: Tensor) -> None:
+        """Add boolean per-sentence events to the named counters (on the device)."""
+        index = _counter_index(tuple(events), self.counters.device)
+        self.counters.index_add_(0, index, torch.stack([e.sum() for e in events.values()]))
 
-    def score(self, rows: Tensor, positions: Tensor, scores: Tensor, valid: Tensor) -> None:
-        r = rows.unsqueeze(1).expand_as(positions)[valid]
-        self.scores[r, positions[valid]] = scores[valid]
+    def read(self, big_length: Tensor) -> tuple[int, int, int, int]:
+        """The loop's one host sync per iteration: sentences needing the big model, the most
+        tokens one of them has not shown it, the longest sentence, finished sentences."""
+        unseen = torch.where(self.needs_big, self.n - big_length, 0)
+        values = torch.stack([self.needs_big.sum(), unseen.max(), self.n.max(), self.finished.sum()]).tolist()
+        return tuple(values)
+
+
+@functools.lru_cache(maxsize=None)
+def _counter_index(names: tuple[str, ...], device) -> Tensor:
+    return torch.tensor([COUNTERS.index(k) for k in names], device=device)

@@ -52,15 +52,16 @@ class DecoderCache:
         self.length[rows] = torch.minimum(self.length[rows], keep)
 
     def reserve(self, slots: int) -> None:
-        """Make room for ``slots`` tokens per sentence (at least doubling: amortized O(1) appends)."""
+        """Make room for ``slots`` tokens per sentence (at least doubling: amortized O(1) appends).
+        Copies whole buffers rather than reading the longest length: no host sync."""
         if slots <= self.capacity:
             return
-        used, size = int(self.length.max()), max(slots, 2 * self.capacity)
+        old_capacity, size = self.capacity, max(slots, 2 * self.capacity)
         for buffers in (self.self_k, self.self_v):
             for i, old in enumerate(buffers):
                 b, h, _, dh = old.shape
                 buffers[i] = old.new_zeros(b, h, size, dh)
-                buffers[i][:, :, :used] = old[:, :, :used]
+                buffers[i][:, :, :old_capacity] = old
 
     def select(self, rows: Tensor) -> None:
         """Keep only sentences ``rows`` (in that order): finished sentences leave the batch."""
@@ -146,75 +147,116 @@ class IncrementalDecoder:
         return DecoderCache(self_k, self_v, cross_k, cross_v, source_mask,
                             torch.zeros(b, dtype=torch.long, device=enc.device))
 
-    def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor) -> Tensor:
+    def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor,
+                visible: int | None = None, all_rows: bool | None = None) -> Tensor:
         """Feed ``counts[r]`` new tokens (``tokens``: (R, K), right-padded) to sentences ``rows``.
 
         Returns float32 log-probabilities (R, K, V): entry j predicts the token after new token j.
-        Appends the new tokens to the cache.
+        Appends the new tokens to the cache. ``visible`` (an upper bound on ``length + counts``
+        over ``rows``) and ``all_rows`` (``rows`` is every sentence, in order) spare the host
+        syncs that computing them costs; the decoding loop knows both already.
         """
-        d = self.decoder
         r, k = tokens.shape
-        all_rows = r == cache.length.size(0) and bool((rows == torch.arange(r, device=rows.device)).all())
+        if all_rows is None:
+            all_rows = r == cache.length.size(0) and bool((rows == torch.arange(r, device=rows.device)).all())
         start = cache.length.index_select(0, rows)  # (R,)
-        offsets = torch.arange(k, device=tokens.device)
-        slots = start.unsqueeze(1) + offsets  # (R, K) cache slot == target position of each new token
-        visible = int((start + counts).max())
-        cache.reserve(int(slots.max()) + 1)  # padding entries write (unused) slots too
-
-        x = d.embed_scale * d.embed_tokens(tokens)
-        if d.project_in_dim is not None:
-            x = d.project_in_dim(x)
-        table = self._position_table(cache.capacity, x)
-        if table is not None:
-            x = x + table[slots.clamp(max=table.size(0) - 1)]  # clamped: padding only
-        if d.layernorm_embedding is not None:
-            x = d.layernorm_embedding(x)
-
+        slots = start.unsqueeze(1) + torch.arange(k, device=tokens.device)  # (R, K) slot == target position
+        if visible is None:
+            visible = int((start + counts).max())
+        cache.reserve(visible + k)  # padding entries write (unused) slots up to start + k - 1
+        x = self._embed(tokens, slots, cache.capacity)
         # query j of row r sees cached slots < start[r] + j + 1
         self_mask = (torch.arange(visible, device=x.device).view(1, 1, visible)
                      <= slots.unsqueeze(-1)).unsqueeze(1)  # (R, 1, K, visible)
         source_mask = _rows(cache.source_mask, rows, all_rows)[:, None, None, :]
         row_idx = rows.unsqueeze(1).expand(r, k)
-        for i, layer in enumerate(d.layers):
-            x = self._self_attention(layer, x, cache, i, rows, all_rows, row_idx, slots, visible, self_mask)
-            x = self._cross_attention(layer, x, cache, i, rows, all_rows, source_mask)
-            x = self._feed_forward(layer, x)
+        for i, layer in enumerate(self.decoder.layers):
+            def write(key: Tensor, value: Tensor, i: int = i) -> tuple[Tensor, Tensor]:
+                # cache[row, :, slot] = (H, Dh); then slice to the visible slots before gathering
+                # rows: the gather copies, and the buffers hold up to twice the longest length
+                cache.self_k[i][row_idx, :, slots] = key.transpose(1, 2)
+                cache.self_v[i][row_idx, :, slots] = value.transpose(1, 2)
+                return (_rows(cache.self_k[i][:, :, :visible], rows, all_rows),
+                        _rows(cache.self_v[i][:, :, :visible], rows, all_rows))
+            x = self._layer(layer, x, write, _rows(cache.cross_k[i], rows, all_rows),
+                            _rows(cache.cross_v[i], rows, all_rows), self_mask, source_mask)
+        cache.length[rows] = start + counts
+        return self._output(x)
+
+    def step(self, cache: DecoderCache, tokens: Tensor, visible: int) -> Tensor:
+        """The common case of :meth:`forward`, specialised: every sentence of the batch feeds
+        exactly one new token (``tokens``: (B,)). No ragged indices, no row gathers; the
+        self-attention cache is read in place. ``visible``: an upper bound on ``length + 1``.
+
+        Returns float32 log-probabilities (B, V) of the token after each new one.
+        """
+        b = tokens.size(0)
+        slot = cache.length  # (B,) each sentence's new token goes to slot == its target position
+        cache.reserve(visible)
+        x = self._embed(tokens.unsqueeze(1), slot.unsqueeze(1), cache.capacity)
+        self_mask = (torch.arange(visible, device=x.device) <= slot.unsqueeze(1))[:, None, None, :]
+        source_mask = cache.source_mask[:, None, None, :]
+        batch = torch.arange(b, device=x.device)
+        for i, layer in enumerate(self.decoder.layers):
+            def write(key: Tensor, value: Tensor, i: int = i) -> tuple[Tensor, Tensor]:
+                cache.self_k[i][batch, :, slot] = key[:, :, 0]
+                cache.self_v[i][batch, :, slot] = value[:, :, 0]
+                return cache.self_k[i][:, :, :visible], cache.self_v[i][:, :, :visible]
+            x = self._layer(layer, x, write, cache.cross_k[i], cache.cross_v[i], self_mask, source_mask)
+        cache.length += 1
+        return self._output(x)[:, 0]
+
+    def _embed(self, tokens: Tensor, slots: Tensor, capacity: int) -> Tensor:
+        """Token + position embeddings of new tokens at cache slots ``slots`` (same shape)."""
+        d = self.decoder
+        x = d.embed_scale * d.embed_tokens(tokens)
+        if d.project_in_dim is not None:
+            x = d.project_in_dim(x)
+        table = self._position_table(capacity, x)
+        if table is not None:
+            x = x + table[slots.clamp(max=table.size(0) - 1)]  # clamped: padding only
+        if d.layernorm_embedding is not None:
+            x = d.layernorm_embedding(x)
+        return x
+
+    def _output(self, x: Tensor) -> Tensor:
+        d = self.decoder
         if d.layer_norm is not None:
             x = d.layer_norm(x)
         if d.project_out_dim is not None:
             x = d.project_out_dim(x)
-        cache.length[rows] = start + counts
         return F.log_softmax(d.output_layer(x).float(), dim=-1)
 
+    @classmethod
+    def _layer(cls, layer, x: Tensor, write_self_kv, cross_k: Tensor, cross_v: Tensor,
+               self_mask: Tensor, source_mask: Tensor) -> Tensor:
+        """One decoder layer; ``write_self_kv(k, v)`` caches the new keys/values and returns the
+        keys/values to attend to."""
+        x = cls._self_attention(layer, x, write_self_kv, self_mask)
+        x = cls._cross_attention(layer, x, cross_k, cross_v, source_mask)
+        return cls._feed_forward(layer, x)
+
     @staticmethod
-    def _self_attention(layer, x, cache, i, rows, all_rows, row_idx, slots, visible, mask) -> Tensor:
+    def _self_attention(layer, x: Tensor, write_self_kv, mask: Tensor) -> Tensor:
         attn = layer.self_attn
         residual = x
         if layer.normalize_before:
             x = layer.self_attn_layer_norm(x)
         q = _heads(attn.q_proj(x), attn.num_heads)
-        # write the new keys/values into their slots: cache[row, :, slot] = (H, Dh)
-        cache.self_k[i][row_idx, :, slots] = _heads(attn.k_proj(x), attn.num_heads).transpose(1, 2)
-        cache.self_v[i][row_idx, :, slots] = _heads(attn.v_proj(x), attn.num_heads).transpose(1, 2)
-        # slice to the visible slots before gathering rows: the gather copies, and the buffers
-        # hold up to twice the longest cached length (plus rows' unused tails)
-        keys = _rows(cache.self_k[i][:, :, :visible], rows, all_rows)
-        values = _rows(cache.self_v[i][:, :, :visible], rows, all_rows)
+        keys, values = write_self_kv(_heads(attn.k_proj(x), attn.num_heads), _heads(attn.v_proj(x), attn.num_heads))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = attn.out_proj(out.transpose(1, 2).flatten(2))
         x = layer.residual_connection(x, residual)
         return x if layer.normalize_before else layer.self_attn_layer_norm(x)
 
     @staticmethod
-    def _cross_attention(layer, x, cache, i, rows, all_rows, source_mask) -> Tensor:
+    def _cross_attention(layer, x: Tensor, keys: Tensor, values: Tensor, source_mask: Tensor) -> Tensor:
         attn = layer.encoder_attn
         residual = x
         if layer.normalize_before:
             x = layer.encoder_attn_layer_norm(x)
         q = _heads(attn.q_proj(x), attn.num_heads)
-        out = F.scaled_dot_product_attention(
-            q, _rows(cache.cross_k[i], rows, all_rows), _rows(cache.cross_v[i], rows, all_rows), attn_mask=source_mask
-        )
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=source_mask)
         x = attn.out_proj(out.transpose(1, 2).flatten(2))
         x = layer.residual_connection(x, residual)
         return x if layer.normalize_before else layer.encoder_attn_layer_norm(x)

@@ -163,3 +163,31 @@ def test_unsupported_options_are_refused_early(pairs):
         BildSequenceGenerator([model], tgt, small_model=small, rollback_threshold=-1)
     with pytest.raises(BildOptionError, match="ensemble"):
         BildSequenceGenerator([model, model], tgt, small_model=small)
+
+
+def test_project_greedy_loop_equals_stock_at_any_batching(pairs):
+    """Without a small model every iteration takes the one-token fast path of the big model."""
+    pair_dir, lines = pairs[3]
+    big, _ = load(pair_dir)
+    sources = encode(big, lines)
+    model, tgt = big.generator.model.single_model, big.task.target_dictionary
+    reference = decode_all(stock_greedy(model, tgt), sources, 1)
+    for batch_size in (1, 3, 16):
+        loop = BildSequenceGenerator([model], tgt, beam_size=1, max_len_b=MAX_LEN_B)
+        assert decode_all(loop, sources, batch_size) == reference, batch_size
+
+
+def test_search_rules_match_fairseqs_step_rules():
+    from bild_fairseq.rules import SearchRules
+
+    rules = SearchRules(6, pad=1, unk=3, eos=2, unk_penalty=0.5, suppress=torch.tensor([5]), min_len=2)
+    lprobs = torch.log_softmax(torch.randn(4, 6), -1)
+    lprobs[0, 4] = float("nan")
+    step, max_len = torch.tensor([0, 2, 5, 5]), torch.tensor([5, 5, 5, 9])
+    out = rules.apply(lprobs, step, max_len)
+    assert out[:, 1].eq(-float("inf")).all() and out[:, 5].eq(-float("inf")).all()  # pad, suppressed
+    assert out[0, 4] == -float("inf")  # NaN never chosen
+    assert torch.allclose(out[[1, 3], 3], lprobs[[1, 3], 3] - 0.5)  # unk penalty
+    assert out[0, 2] == -float("inf") and out[1, 2] == lprobs[1, 2]  # no EOS before min_len
+    assert out[2].argmax() == 2 and out[2].isfinite().sum() == 1 and out[2, 2] == lprobs[2, 2]  # forced EOS
+    assert torch.equal(out[3, [0, 2, 4]], lprobs[3, [0, 2, 4]])  # untouched otherwise

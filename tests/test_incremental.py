@@ -90,6 +90,23 @@ def test_cache_grows_and_drops_finished_rows_without_changing_results(model_and_
     assert (rest - full[[2, 0], 3:]).abs().max() < TOL
 
 
+def test_one_token_step_equals_forward_on_ragged_rows(model_and_batch):
+    """The loop's fast path (every row feeds one token, rows at different lengths, cache
+    growing from 2 slots, visible an upper bound) gives forward's results."""
+    model, enc, prev, full = model_and_batch
+    dec = IncrementalDecoder(model.decoder)
+    with torch.no_grad():
+        cache = dec.start(enc, 2)
+        dec.forward(cache, torch.arange(3), prev[:, :5], torch.tensor([5, 2, 3]))  # lengths 5, 2, 3
+        outs = []
+        for _ in range(4):
+            length = cache.length.clone()
+            outs.append((length, dec.step(cache, prev[torch.arange(3), length], int(length.max()) + 3)))
+    for length, out in outs:
+        assert (out - full[torch.arange(3), length]).abs().max() < TOL
+    assert cache.length.tolist() == [9, 6, 7]
+
+
 def test_unsupported_decoder_is_refused_by_name(tiny_pair):
     model = _load(tiny_pair, "big.pt")
     model.decoder.cross_self_attention = True

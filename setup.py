@@ -25,6 +25,9 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    # peers: engines the benchmark compares BiLD with (CTranslate2 rows of `bild-jobs bench`);
+    # the tests check those rows' plumbing, so the test extra includes them
+    extras_require={"peers": ["ctranslate2>=4.5,<5"],
+                    "test": ["pytest>=8", "pytest-timeout>=2.3", "ctranslate2>=4.5,<5"]},
     entry_points={"console_scripts": ["bild-jobs=jobs.cli:main"]},
 )

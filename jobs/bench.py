@@ -13,6 +13,8 @@ interleaved batch by batch (see jobs.measure), at every batching:
     bild-exact   BiLD exact mode (output must equal stock's)
     bild-default BiLD at pair.json's thresholds
     bild-tuned   BiLD at the suite's thresholds from a sweep (when given)
+    ct2-fp32     peer: CTranslate2 greedy on the big model (its own converter), float32 weights
+    ct2-int8     the same with int8 weights (both skipped, with a note, without ctranslate2)
 
 plus the small/bild variants of any other small checkpoint the suite lists (``@name``).
 Writes bench.json and bench.md to --out; --update-markdown rewrites BENCHMARKS.md's results.
@@ -37,6 +39,7 @@ from bild_fairseq.scoring import score_task
 from jobs.agreement import agreement
 from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, bild_rates, detokenize,
                           encode, measure, read_lines)
+from jobs.peers import PeerUnavailable, ct2_missing
 from jobs.workdir import sha256_file
 
 DEFAULT_BATCHINGS = ("1", "16", "tokens:4096")
@@ -71,8 +74,10 @@ class Suite:
     small: tuple[SmallModel, ...] = (SmallModel(),)
     limit: int | None = None  # first N test lines (a slow pair can be given fewer)
 
-    def variants(self) -> list[Variant]:
-        return [Variant("stock", "stock"), Variant("big", "big"), *(v for s in self.small for v in s.variants())]
+    def variants(self, peers: bool = True) -> list[Variant]:
+        own = [Variant("stock", "stock"), Variant("big", "big"), *(v for s in self.small for v in s.variants())]
+        return own + ([Variant("ct2-fp32", "ct2", compute_type="float32"),
+                       Variant("ct2-int8", "ct2", compute_type="int8")] if peers else [])
 
 
 def load_suites(path: Path) -> list[Suite]:
@@ -124,9 +129,19 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
     lines, refs = read_lines(suite.source, limit), read_lines(suite.reference, limit)
     if len(lines) != len(refs):
         raise MeasureError(f"{suite.source} has {len(lines)} lines but {suite.reference} has {len(refs)}")
-    variants = suite.variants()
+    notes = [f"CTranslate2 rows skipped: {why}"] if (why := ct2_missing()) else []
+    variants = suite.variants(peers=why is None)
     models = PairModels(suite.pair, variants, device)
-    translators = {v.name: models.translator(v) for v in variants}
+    translators = {}
+    for v in variants:
+        try:
+            translators[v.name] = models.translator(v)
+        except PeerUnavailable as e:
+            notes.append(f"{v.name} skipped: {e}")
+    variants = [v for v in variants if v.name in translators]
+    if any(v.mode == "ct2" for v in variants):
+        notes.append(f"CTranslate2 conversion of {models.spec.big}: {models.conversion_seconds:.1f} s "
+                     "(0 = cached), not timed")
     sources = encode(models.base, lines)
     echo(f"[{suite.name}] {len(lines)} lines, {len(variants)} variants, {repeats} repeat(s)")
     rows, signatures, first = [], {}, None
@@ -151,7 +166,7 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
             "reference": str(suite.reference), "lines": len(lines), "pair_bild": models.spec.bild,
             "variants": [{**asdict(v), "run_flags": v.run_flags(models.spec.bild),
                           "generate_flags": v.generate_flags(models.spec.bild)} for v in variants],
-            "signatures": signatures, "agreement": agreements, "rows": rows}
+            "signatures": signatures, "agreement": agreements, "notes": notes, "rows": rows}
 
 
 def _add_peak_memory(suite: Suite, variants: list[Variant], lines: list[str], batchings: list[Batching],

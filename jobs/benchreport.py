@@ -62,6 +62,7 @@ def render_suite(suite: dict) -> list[str]:
     out.append("Small-model agreement with the big model (share of the big model's greedy output tokens that "
                "are also the small model's argmax, same source and prefix): "
                + ", ".join(f"`{name}` {100 * a:.1f}%" for name, a in suite["agreement"].items()) + ".")
+    out += [f"Note: {n}." for n in suite.get("notes", [])]
     out += ["", "Variants (`bild-jobs run` flags; pair.json: "
             + ", ".join(f"{k} {v}" for k, v in suite["pair_bild"].items()) + "):", ""]
     out += _table(["variant", "flags"], [[v["name"], "`" + " ".join(v["run_flags"]) + "`"] for v in suite["variants"]

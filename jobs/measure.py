@@ -20,7 +20,7 @@ from bild_fairseq.api import PairTranslator, length_batches
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.stats import BildStats
 
-MODES = ("stock", "big", "small", "bild")
+MODES = ("stock", "big", "small", "bild", "ct2")
 THRESHOLDS = ("fallback_threshold", "rollback_threshold", "max_small_steps")
 
 
@@ -31,7 +31,8 @@ class MeasureError(ValueError):
 @dataclass(frozen=True)
 class Variant:
     """One way to decode with a pair: ``stock`` is fairseq's own SequenceGenerator(beam_size=1)
-    with the big model, ``big``/``small`` the project's greedy loop with one model, ``bild`` BiLD.
+    with the big model, ``big``/``small`` the project's greedy loop with one model, ``bild`` BiLD,
+    ``ct2`` CTranslate2's greedy search on the big model (a peer, ``compute_type`` float32/int8).
     Thresholds left None are the pair's (pair.json)."""
 
     name: str
@@ -41,13 +42,16 @@ class Variant:
     fallback_threshold: float | None = None
     rollback_threshold: float | None = None
     max_small_steps: int | None = None
+    compute_type: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise MeasureError(f"variant {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
+        if (self.mode == "ct2") != (self.compute_type is not None):
+            raise MeasureError(f"variant {self.name!r}: compute_type is for (and required by) mode 'ct2'")
         if self.mode != "bild" and (self.exact or any(getattr(self, t) is not None for t in THRESHOLDS)):
             raise MeasureError(f"variant {self.name!r}: thresholds and exact apply to mode 'bild' only")
-        if self.mode in ("stock", "big") and self.small_checkpoint is not None:
+        if self.mode in ("stock", "big", "ct2") and self.small_checkpoint is not None:
             raise MeasureError(f"variant {self.name!r}: mode {self.mode!r} uses no small model")
 
     @property
@@ -60,6 +64,8 @@ class Variant:
 
     def run_flags(self, pair_bild: dict) -> list[str]:
         """The ``bild-jobs run`` options that decode like this variant (thresholds spelled out)."""
+        if self.mode == "ct2":
+            return [f"(peer: CTranslate2 {self.compute_type}, not a bild-jobs mode)"]
         if self.mode in ("stock", "big"):
             return ["--big-only"]
         small = ["--small-checkpoint", self.small_checkpoint] if self.small_checkpoint else []
@@ -72,6 +78,8 @@ class Variant:
 
     def generate_flags(self, pair_bild: dict) -> list[str]:
         """The stock ``fairseq-generate --user-dir bild_fairseq`` options of this variant."""
+        if self.mode == "ct2":
+            return []
         if self.mode != "bild":
             return ["--beam", "1"]
         if self.exact:
@@ -125,6 +133,7 @@ class PairModels:
                                                  small_checkpoint=smalls[0] if first == "small" else None)
         self.big = self.base.generator.model.single_model if first == "big" else None
         self.small: dict[str | None, torch.nn.Module] = {}
+        self.conversion_seconds = 0.0  # of a CTranslate2 peer (0 when cached or none)
         for name in smalls:
             loaded = self.base if first == "small" and name == smalls[0] else \
                 PairTranslator.from_pair_dir(pair_dir, mode="small", small_checkpoint=name, device=device)
@@ -143,7 +152,13 @@ class PairModels:
 
         tgt = self.base.task.target_dictionary
         gen = {k: self.base.settings[k] for k in ("max_len_a", "max_len_b")}
-        if v.mode == "stock":
+        if v.mode == "ct2":
+            from jobs.peers import CT2Generator, convert_ct2
+
+            model_dir, self.conversion_seconds = convert_ct2(self.spec)
+            generator = CT2Generator(model_dir, self.base.task.source_dictionary, tgt, v.compute_type,
+                                     gen["max_len_b"], self.base.device)
+        elif v.mode == "stock":
             generator = SequenceGenerator([self.big], tgt, beam_size=1, **gen)
         elif v.mode == "big":
             generator = BildSequenceGenerator([self.big], tgt, beam_size=1, **gen)

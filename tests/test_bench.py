@@ -16,7 +16,7 @@ from jobs_fixtures import real_lines
 
 pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
 N_LINES = 10
-VARIANTS = ["stock", "big", "small", "bild-exact", "bild-default", "bild-tuned"]
+VARIANTS = ["stock", "big", "small", "bild-exact", "bild-default", "bild-tuned", "ct2-fp32", "ct2-int8"]
 BATCHINGS = ["batch 1", "batch 4", "max-tokens 120"]
 
 
@@ -65,6 +65,36 @@ def test_exact_mode_and_big_loop_output_equals_stock_fairseq(run):
             assert r["same_as_stock"] == N_LINES, r
     exact = next(r for r in suite["rows"] if r["variant"] == "bild-exact")
     assert exact["stats"]["small_tokens"] > 0  # the small model really contributed
+
+
+def test_ctranslate2_rows_decode_the_converted_big_model(run):
+    """The peer's plumbing: CTranslate2's converter ran on the tiny big model, and its fp32 greedy
+    output is fairseq's (token ids in, token ids out: nothing re-tokenized)."""
+    _, result, _ = run
+    suite = result["suites"][0]
+    assert any("CTranslate2 conversion" in n for n in suite["notes"])
+    for r in suite["rows"]:
+        if r["variant"] == "ct2-fp32":
+            assert r["same_as_stock"] >= N_LINES - 1, r
+        if r["variant"] == "ct2-int8":
+            assert r["tokens"] >= N_LINES and "stats" not in r
+
+
+def test_missing_ctranslate2_skips_its_rows_with_a_note(active_pair, tmp_path, monkeypatch):
+    import jobs.bench
+
+    monkeypatch.setattr(jobs.bench, "ct2_missing", lambda: "CTranslate2 is not installed")
+    suites = tmp_path / "suites.json"
+    suites.write_text(json.dumps({"suites": [{
+        "name": "tiny", "pair": str(active_pair),
+        "source": str(write_lines(tmp_path / "src.de", "lohelp.de-en.test.de.xz", 2)),
+        "reference": str(write_lines(tmp_path / "ref.en", "lohelp.de-en.test.en.xz", 2))}]}))
+    out = CliRunner().invoke(bench, [str(suites), "--out", str(tmp_path / "out"), "--repeats", "1",
+                                     "--batch", "1", "--no-memory"])
+    assert out.exit_code == 0, out.output
+    suite = json.loads((tmp_path / "out" / "bench.json").read_text())["suites"][0]
+    assert not any(r["variant"].startswith("ct2") for r in suite["rows"])
+    assert "Note: CTranslate2 rows skipped: CTranslate2 is not installed." in (tmp_path / "out" / "bench.md").read_text()
 
 
 def test_markdown_has_every_column_and_the_targets(run):

@@ -3,14 +3,19 @@
 fairseq builds ``fairseq-generate``'s options and ``cfg.generation`` from the GenerationConfig
 dataclass, and builds the generator in ``FairseqTask.build_generator``. A ``--user-dir`` plugin
 is imported before either happens, so three small hooks make ``--bild`` work with the ordinary
-``--task translation`` (or any task that uses FairseqTask.build_generator):
+``--task translation`` (or any task that uses FairseqTask.build_generator), and a fourth mends
+an upstream bug that loses sentences:
 
 1. BildConfig's fields are added to GenerationConfig (their ``help=`` becomes ``--help``), and
    hydra's config store is refreshed so ``cfg.generation.bild*`` survive namespace conversion;
 2. ``FairseqTask.build_generator`` builds a :class:`BildSequenceGenerator` when ``--bild`` is set
    (and is untouched otherwise);
 3. ``checkpoint_utils.load_checkpoint_to_cpu`` turns torch's weights-only refusal into a clear
-   :class:`UnsafeCheckpointError`. The allow-list itself is torch's public add_safe_globals.
+   :class:`UnsafeCheckpointError`. The allow-list itself is torch's public add_safe_globals;
+4. ``data_utils.batch_by_size`` keeps the last batch: fairseq 0.12's compiled batcher drops it
+   unless its size is a multiple of ``--required-batch-size-multiple`` (fairseq issues #5036,
+   #5351), so ``fairseq-generate`` silently translated 96 of 100 sentences at ``--batch-size 16``.
+   With the plugin loaded every run (with or without ``--bild``) decodes every sentence.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ _installed = False
 
 
 def install() -> None:
-    """Apply the three hooks (idempotent)."""
+    """Apply the four hooks (idempotent)."""
     global _installed
     if _installed:
         return
@@ -39,6 +44,7 @@ def install() -> None:
     _add_generation_options()
     _hook_build_generator()
     _hook_checkpoint_loading()
+    _hook_batch_by_size()
     _installed = True
 
 
@@ -156,3 +162,26 @@ def _hook_checkpoint_loading() -> None:
             raise explain_refusal(str(path), e) from None
 
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def _hook_batch_by_size() -> None:
+    import numpy as np
+    from fairseq.data import data_utils
+
+    stock = data_utils.batch_by_size
+
+    def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None, max_sentences=None,
+                      required_batch_size_multiple=1, fixed_shapes=None):
+        batches = stock(indices, num_tokens_fn, num_tokens_vec, max_tokens, max_sentences,
+                        required_batch_size_multiple, fixed_shapes)
+        if fixed_shapes is not None or required_batch_size_multiple == 1:
+            return batches
+        indices = np.fromiter(indices, dtype=np.int64, count=-1) if not isinstance(indices, np.ndarray) else indices
+        if sum(len(b) for b in batches) == len(indices):
+            return batches
+        # the dropped tail, batched again under the same limits without the multiple
+        left = ~np.isin(indices, np.concatenate(batches)) if batches else np.ones(len(indices), dtype=bool)
+        vec = None if num_tokens_vec is None else np.asarray(num_tokens_vec)[left]
+        return list(batches) + list(stock(indices[left], num_tokens_fn, vec, max_tokens, max_sentences, 1))
+
+    data_utils.batch_by_size = batch_by_size

@@ -94,3 +94,35 @@ def test_task_build_generator_gets_bild_from_options_and_small_follows_big_dtype
     assert next(gen.small_model.parameters()).dtype == torch.bfloat16
     cfg.bild = False
     assert type(t.task.build_generator([big], cfg)).__name__ == "SequenceGenerator"
+
+
+@pytest.fixture(scope="module")
+def small_test_sets(deen_slice, tmp_path_factory):
+    """The first 13 and 101 test sentences of the slice, binarized with its dictionaries."""
+    out = {}
+    for n in (13, 101):
+        d = tmp_path_factory.mktemp(f"test{n}")
+        for lang in ("de", "en"):
+            lines = (deen_slice / "bpe" / f"test.{lang}").read_text(encoding="utf-8").splitlines()[:n]
+            (d / f"test.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        proc = run(["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--testpref", str(d / "test"),
+                    "--destdir", str(d / "bin"), "--srcdict", str(deen_slice / "bin" / "dict.de.txt"),
+                    "--tgtdict", str(deen_slice / "bin" / "dict.en.txt"), "--workers", "1"])
+        assert proc.returncode == 0, proc.stderr
+        out[n] = d / "bin"
+    return out
+
+
+@pytest.mark.parametrize("n,batching", [(13, ["--batch-size", "1"]), (13, ["--batch-size", "8"]),
+                                        (13, ["--batch-size", "16"]), (13, ["--max-tokens", "100"]),
+                                        (101, ["--batch-size", "16"]), (101, ["--max-tokens", "300"])])
+@pytest.mark.parametrize("bild", [False, True])
+def test_generate_decodes_every_sentence_at_any_batching(small_test_sets, tiny_pair, n, batching, bild):
+    """fairseq 0.12 drops the last batch unless its size is a multiple of
+    --required-batch-size-multiple (8): the plugin keeps it (fairseq issue #5036)."""
+    extra = ["--bild", "--bild-small-path", str(tiny_pair / "small.pt")] if bild else []
+    proc = run(["fairseq-generate", str(small_test_sets[n]), "--user-dir", PLUGIN_DIR, "--path",
+                str(tiny_pair / "big.pt"), "--gen-subset", "test", "--max-len-b", "10", "--beam", "1",
+                *batching, *extra])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(hypotheses(proc.stdout)) == list(range(n))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +66,14 @@ class Decoding:
                 check_thresholds(**{**spec.bild, **{k: v for k, v in given.items() if v is not None}})
             except BildOptionError as e:
                 raise ConfigError(f"{e} (from the command line, or {spec.directory / 'pair.json'})") from None
+
+    def canonical(self, spec: PairSpec) -> "Decoding":
+        """The same decoding with every option that equals the pair's own (pair.json's thresholds,
+        length limits and small model) written as None, "the pair's": giving pair.json's value on
+        the command line is then not a change of configuration on resume."""
+        pair = {**spec.bild, **spec.generation, "small_checkpoint": spec.small}
+        return replace(self, **{k: None for k in pair if getattr(self, k, None) is not None
+                                and getattr(self, k) == pair[k]})
 
     def model_files(self, spec: PairSpec) -> list[str]:
         """The checkpoint files of the pair directory this decoding reads."""

@@ -63,7 +63,7 @@ def plan_run(wd: WorkDir, req: RunRequest, spec: PairSpec, fresh: bool, echo: Ca
                     shards=shards, pair_dir=str(req.pair_dir.absolute()), task=spec.task,
                     pair_fingerprint=pair_fingerprint(spec, req.decoding,
                                                       lambda p: wd.cached("sha256", p, sha256_file)),
-                    decoding=req.decoding, output=str(req.output.absolute()), max_tokens=req.max_tokens,
+                    decoding=req.decoding.canonical(spec), output=str(req.output.absolute()), max_tokens=req.max_tokens,
                     max_sentences=req.max_sentences, device=req.device)
     if previous is not None and previous.hash != cfg.hash:
         if not fresh:

@@ -259,3 +259,15 @@ def test_local_slots_one_per_visible_gpu_or_cpu_workers_with_a_share_of_cores(mo
     monkeypatch.delenv("OMP_NUM_THREADS")
     with pytest.raises(ConfigError, match="no GPU is visible"):
         plan_slots("cuda", None)
+
+
+def test_an_option_equal_to_the_pairs_own_is_not_a_change(tiny_pair):
+    from bild_fairseq.pairdir import PairSpec
+
+    spec = PairSpec.load(tiny_pair)
+    given = Decoding(fallback_threshold=spec.bild["fallback_threshold"], max_small_steps=spec.bild["max_small_steps"],
+                     small_checkpoint=spec.small, max_len_b=spec.generation["max_len_b"])
+    assert given.canonical(spec) == Decoding()
+    assert _config(decoding=given.canonical(spec)).hash == _config().hash
+    other = Decoding(fallback_threshold=spec.bild["fallback_threshold"] / 2).canonical(spec)
+    assert other.fallback_threshold == spec.bild["fallback_threshold"] / 2

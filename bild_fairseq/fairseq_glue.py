@@ -172,11 +172,12 @@ def _hook_batch_by_size() -> None:
 
     def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None, max_sentences=None,
                       required_batch_size_multiple=1, fixed_shapes=None):
+        if not isinstance(indices, np.ndarray):  # an iterator would be spent by the first call
+            indices = np.fromiter(indices, dtype=np.int64, count=-1)
         batches = stock(indices, num_tokens_fn, num_tokens_vec, max_tokens, max_sentences,
                         required_batch_size_multiple, fixed_shapes)
         if fixed_shapes is not None or required_batch_size_multiple == 1:
             return batches
-        indices = np.fromiter(indices, dtype=np.int64, count=-1) if not isinstance(indices, np.ndarray) else indices
         if sum(len(b) for b in batches) == len(indices):
             return batches
         # the dropped tail, batched again under the same limits without the multiple

@@ -127,8 +127,9 @@ class BildSequenceGenerator(SequenceGenerator):
         """Small model proposes one token for every unfinished sentence; marks hand-overs.
 
         Its cache holds every token but the newest, so it feeds exactly that one token."""
-        last = s.tokens.gather(1, (s.n - 1).unsqueeze(1)).squeeze(1)
-        lprobs = self.rules.apply(self.small.step(cache, last, visible), s.n - 1, s.max_len)
+        step = s.n - 1
+        last = s.tokens.gather(1, step.unsqueeze(1)).squeeze(1)
+        lprobs = self.rules.apply(self.small.step(cache, last, visible), step, s.max_len)
         best_lp, best = lprobs.max(dim=-1)
         active = ~s.finished  # finished sentences ride along until the next read removes them
         hand_over = fallback(best_lp, s.run, self.fallback_threshold, self.max_small_steps) & active
@@ -185,7 +186,7 @@ class BildSequenceGenerator(SequenceGenerator):
         # both caches keep only tokens before the newest one, which neither model has consumed
         for c in (cache, small_cache):
             if c is not None:
-                c.length[rows] = torch.minimum(c.length[rows], s.n[rows] - 1)
+                c.truncate(rows, s.n[rows] - 1)
         s.run[rows] = 0
         s.needs_big[rows] = False
         s.count(rollbacks=rolled)

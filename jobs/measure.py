@@ -133,7 +133,8 @@ class PairModels:
                                                  small_checkpoint=smalls[0] if first == "small" else None)
         self.big = self.base.generator.model.single_model if first == "big" else None
         self.small: dict[str | None, torch.nn.Module] = {}
-        self.conversion_seconds = 0.0  # of a CTranslate2 peer (0 when cached or none)
+        self.ct2_dir: Path | None = None  # the big model converted for CTranslate2 variants
+        self.conversion_seconds = 0.0  # what converting it took (0 when cached or none)
         for name in smalls:
             loaded = self.base if first == "small" and name == smalls[0] else \
                 PairTranslator.from_pair_dir(pair_dir, mode="small", small_checkpoint=name, device=device)
@@ -155,8 +156,9 @@ class PairModels:
         if v.mode == "ct2":
             from jobs.peers import CT2Generator, convert_ct2
 
-            model_dir, self.conversion_seconds = convert_ct2(self.spec)
-            generator = CT2Generator(model_dir, self.base.task.source_dictionary, tgt, v.compute_type,
+            if self.ct2_dir is None:  # once per pair, for every CTranslate2 variant
+                self.ct2_dir, self.conversion_seconds = convert_ct2(self.spec)
+            generator = CT2Generator(self.ct2_dir, self.base.task.source_dictionary, tgt, v.compute_type,
                                      gen["max_len_b"], self.base.device)
         elif v.mode == "stock":
             generator = SequenceGenerator([self.big], tgt, beam_size=1, **gen)

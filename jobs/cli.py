@@ -1,29 +1,32 @@
-"""``bild-jobs``: translate or summarize large corpora with a BiLD pair, sharded, resumable.
+"""bild-jobs: translate or summarize large corpora with a BiLD pair, sharded and resumable.
 
-    bild-jobs run INPUT --pair DIR --output OUT [--executor local|slurm] ...
-    bild-jobs status WORKDIR
-    bild-jobs collect WORKDIR [--output OUT] [--ref REF]
+\b
+  bild-jobs run INPUT --pair DIR --output OUT [--executor local|slurm] ...
+  bild-jobs status WORKDIR
+  bild-jobs collect WORKDIR [--output OUT] [--ref REF]
+  bild-jobs bench | sweep | distill ...   (evaluation and tuning)
+
+Each command's --help lists its options.
 """
 from __future__ import annotations
 
+import importlib
+import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from bild_fairseq.pairdir import PairDirError
-from jobs.bench import bench
-from jobs.collect import CollectError, check_reference, collect
-from jobs.config import ConfigError, Decoding, RunConfig
-from jobs.distill import distill
-from jobs.executors.base import Executor
-from jobs.executors.local import LocalExecutor, plan_slots
-from jobs.executors.slurm import SlurmError, SlurmExecutor, SlurmOptions
-from jobs.runner import ConfigChanged, RunRequest, check_request, execute, failure_report, plan_run
-from jobs.status import shard_states, status_table
-from jobs.sweep import sweep_command
-from jobs.workdir import WorkDir, WorkDirError
+if TYPE_CHECKING:
+    from jobs.config import RunConfig
+    from jobs.executors.base import Executor
+    from jobs.executors.slurm import SlurmExecutor
+    from jobs.workdir import WorkDir
+
+# The commands import the runner (and through it fairseq and torch) when they run, not when the
+# group is built: ``bild-jobs --help`` and every ``COMMAND --help`` answer at once.
 
 PATH = click.Path(path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -49,12 +52,47 @@ def _summary(result: dict, wd: WorkDir) -> str:
     return "\n".join(lines)
 
 
-@click.group(help=__doc__)
+#: the evaluation and tuning commands: name -> (module:command, the line ``bild-jobs --help`` shows)
+TOOLS = {
+    "bench": ("jobs.tuning.bench:bench", "Time BiLD against stock fairseq and the big and small models."),
+    "sweep": ("jobs.tuning.sweep:sweep_command",
+              "Sweep BiLD thresholds on a dev set; recommend the fastest within a quality budget."),
+    "distill": ("jobs.tuning.distill:distill",
+                "Align the small model with the big one by sequence-level distillation."),
+}
+
+
+class Commands(click.Group):
+    """The runner's commands, plus the tools' commands (``TOOLS``) imported only when invoked."""
+
+    def invoke(self, ctx: click.Context):
+        # Before anything imports fairseq: its text_to_speech module calls logging.basicConfig at
+        # DEBUG, which would print fairseq's INFO chatter (the tensorboardX notice) on every call.
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return super().invoke(ctx)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *TOOLS]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in TOOLS:
+            return super().get_command(ctx, name)
+        module, attr = TOOLS[name][0].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=formatter.width)) for name, cmd in self.commands.items()]
+        rows += [(name, short) for name, (_, short) in TOOLS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=Commands, help=__doc__)
 def main() -> None:
     pass
 
 
-@main.command()
+@main.command(short_help="Decode INPUT into OUTPUT, line-aligned, sharded over local workers or Slurm.")
 @click.argument("input_path", metavar="INPUT", type=EXISTING_FILE)
 @click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="pair directory: big.pt, small.pt, dictionaries, BPE codes, pair.json")
@@ -108,12 +146,31 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
         cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], dry_run: bool) -> None:
     """Decode INPUT (plain, .gz or .xz; one sentence or document per line) into OUTPUT, line-aligned."""
+    from bild_fairseq.pairdir import PairDirError
+    from jobs.collect import CollectError
+    from jobs.config import ConfigError, Decoding
+    from jobs.executors.local import LocalExecutor, plan_slots
+    from jobs.executors.slurm import SlurmError, SlurmExecutor, SlurmOptions
+    from jobs.runner import ConfigChanged, RunFailed, RunRequest, check_request, plan_run, run_job
+    from jobs.workdir import WorkDir, WorkDirError
+
     slurm_only = {"--partition": partition, "--time": time_limit, "--gpus-per-task": gpus_per_task,
                   "--cpus-per-task": cpus_per_task, "--mem": mem, "--sbatch-option": sbatch_options,
                   "--dry-run": dry_run}
     if executor != "slurm" and any(slurm_only.values()):
         given = ", ".join(name for name, value in slurm_only.items() if value)
         raise click.UsageError(f"{given}: Slurm options, for --executor slurm")
+    wd = WorkDir(workdir or output.with_name(output.name + ".work"))
+    python = shlex.split(python_cmd)
+    options = SlurmOptions(partition=partition, time=time_limit, gpus_per_task=gpus_per_task,
+                           cpus_per_task=cpus_per_task, mem=mem, max_parallel=workers, extra=sbatch_options)
+
+    def make_executor(cfg: RunConfig) -> tuple[Executor, dict]:
+        if executor == "local":
+            return LocalExecutor(wd, python, slots), {"name": "local", "workers": len(slots)}
+        return (SlurmExecutor(wd, python, options, job_name=f"bild-{cfg.hash[:8]}"),
+                {"name": "slurm", "jobs_file": str(wd.slurm / "jobs.json")})
+
     try:
         decoding = Decoding(mode=mode, small_checkpoint=small_checkpoint, exact=bild_exact,
                             fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
@@ -123,37 +180,19 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
         request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,
                              parallel=len(slots) or workers, max_tokens=max_tokens, max_sentences=max_sentences,
                              device=device)
-        spec = check_request(request)
+        if dry_run:
+            spec = check_request(request)
+            with wd.lock():
+                cfg = plan_run(wd, request, spec, fresh, _echo)
+                _print_dry_run(make_executor(cfg)[0], wd, cfg)
+            return
+        result = run_job(wd, request, make_executor, retries=retries, fresh=fresh, ref=ref, echo=_echo,
+                         progress=progress if progress is not None else sys.stderr.isatty())
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    except PairDirError as e:
+    except (PairDirError, ConfigChanged, RunFailed, WorkDirError, SlurmError, CollectError) as e:
         raise click.ClickException(str(e)) from None
-    wd = WorkDir(workdir or output.with_name(output.name + ".work"))
-    python = shlex.split(python_cmd)
-    try:
-        with wd.lock():
-            cfg = plan_run(wd, request, spec, fresh, _echo)
-            if ref is not None:
-                check_reference(cfg, ref)
-            runner: Executor
-            if executor == "local":
-                runner, info = LocalExecutor(wd, python, slots), {"name": "local", "workers": len(slots)}
-            else:
-                options = SlurmOptions(partition=partition, time=time_limit, gpus_per_task=gpus_per_task,
-                                       cpus_per_task=cpus_per_task, mem=mem, max_parallel=workers,
-                                       extra=sbatch_options)
-                runner = SlurmExecutor(wd, python, options, job_name=f"bild-{cfg.hash[:8]}")
-                info = {"name": "slurm", "jobs_file": str(wd.slurm / "jobs.json")}
-                if dry_run:
-                    _print_dry_run(runner, wd, cfg)
-                    return
-            failures = execute(wd, cfg, runner, retries, _echo,
-                               progress if progress is not None else sys.stderr.isatty(), info)
-            if failures:
-                raise click.ClickException(failure_report(failures, cfg, retries))
-            click.echo(_summary(collect(wd, cfg, output, ref), wd))
-    except (ConfigChanged, WorkDirError, SlurmError, CollectError) as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(_summary(result, wd))
 
 
 def _print_dry_run(executor: SlurmExecutor, wd: WorkDir, cfg: RunConfig) -> None:
@@ -166,10 +205,15 @@ def _print_dry_run(executor: SlurmExecutor, wd: WorkDir, cfg: RunConfig) -> None
         click.echo("# every shard is done: `bild-jobs collect` writes the output")
 
 
-@main.command()
+@main.command(short_help="Show the state of each shard of a run.")
 @click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def status(workdir: Path) -> None:
     """Show each shard of WORKDIR's run: pending, running, done or failed (Slurm: from squeue too)."""
+    from jobs.config import RunConfig
+    from jobs.executors.slurm import SlurmError
+    from jobs.status import shard_states, status_table
+    from jobs.workdir import WorkDir
+
     wd = WorkDir(workdir)
     if not wd.config.is_file():
         raise click.ClickException(f"{workdir} is not a bild-jobs work directory (no config.json)")
@@ -180,12 +224,16 @@ def status(workdir: Path) -> None:
         raise click.ClickException(str(e)) from None
 
 
-@main.command(name="collect")
+@main.command(name="collect", short_help="Write the finished shards' output in input order; score it.")
 @click.argument("workdir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--output", "-o", type=PATH, help="output file [the run's --output]")
 @click.option("--ref", type=EXISTING_FILE, help="reference to score against, line-aligned with the input")
 def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> None:
     """Concatenate WORKDIR's finished shards into the output, in input order; write the manifest."""
+    from jobs.collect import CollectError, collect
+    from jobs.config import RunConfig
+    from jobs.workdir import WorkDir, WorkDirError
+
     wd = WorkDir(workdir)
     if not wd.config.is_file():
         raise click.ClickException(f"{workdir} is not a bild-jobs work directory (no config.json)")
@@ -195,8 +243,3 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
             click.echo(_summary(collect(wd, cfg, output or Path(cfg.output), ref), wd))
     except (WorkDirError, CollectError) as e:
         raise click.ClickException(str(e)) from None
-
-
-main.add_command(bench)
-main.add_command(sweep_command)
-main.add_command(distill)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from bild_fairseq.pairdir import PairSpec
 from jobs import manifest
+from jobs.collect import check_reference, collect
 from jobs.config import ConfigError, Decoding, RunConfig, pair_fingerprint
 from jobs.executors.base import Ended, Executor
 from jobs.shards import scan
@@ -26,6 +27,10 @@ LINES_PER_SHARD = 100_000  # default shard size: minutes of work each, cheap to 
 
 class ConfigChanged(RuntimeError):
     """The work directory holds a run with another configuration."""
+
+
+class RunFailed(RuntimeError):
+    """Shards still failed after their retries; the message lists them with their logs."""
 
 
 @dataclass(frozen=True)
@@ -184,3 +189,22 @@ def failure_report(failures: list[Failure], cfg: RunConfig, retries: int) -> str
         if f.log is not None:
             lines.append(f"    log: {f.log}")
     return "\n".join(lines)
+
+
+def run_job(wd: WorkDir, req: RunRequest, make_executor: Callable[[RunConfig], tuple[Executor, dict]], *,
+            retries: int = 2, fresh: bool = False, ref: Path | None = None, progress: bool = False,
+            echo: Callable[[str], None] = print) -> dict:
+    """The whole job, as ``bild-jobs run`` does it: check the request, plan or resume it in ``wd``,
+    run the shards not done yet on the executor ``make_executor(cfg)`` returns (with its manifest
+    description), and collect the output; returns the manifest. Raises ``ConfigError``,
+    ``PairDirError``, ``ConfigChanged``, ``RunFailed`` and the work directory's and collection's errors."""
+    spec = check_request(req)
+    with wd.lock():
+        cfg = plan_run(wd, req, spec, fresh, echo)
+        if ref is not None:
+            check_reference(cfg, ref)
+        executor, info = make_executor(cfg)
+        failures = execute(wd, cfg, executor, retries, echo, progress, info)
+        if failures:
+            raise RunFailed(failure_report(failures, cfg, retries))
+        return collect(wd, cfg, req.output, ref)

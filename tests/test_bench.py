@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from bench_fixtures import CORPORA, write_lines
-from jobs.agreement import agreement
-from jobs.bench import bench
-from jobs.benchreport import BEGIN, END, update_section
-from jobs.measure import Batching, MeasureError, PairModels, Variant, encode, measure
+from jobs.tuning.agreement import agreement
+from jobs.tuning.bench import bench
+from jobs.tuning.benchreport import BEGIN, END, update_section
+from jobs.tuning.measure import Batching, MeasureError, PairModels, Variant, encode, measure
 from jobs_fixtures import real_lines
 
 pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
@@ -81,9 +81,9 @@ def test_ctranslate2_rows_decode_the_converted_big_model(run):
 
 
 def test_missing_ctranslate2_skips_its_rows_with_a_note(active_pair, tmp_path, monkeypatch):
-    import jobs.bench
+    import jobs.tuning.bench
 
-    monkeypatch.setattr(jobs.bench, "ct2_missing", lambda: "CTranslate2 is not installed")
+    monkeypatch.setattr(jobs.tuning.bench, "ct2_missing", lambda: "CTranslate2 is not installed")
     suites = tmp_path / "suites.json"
     suites.write_text(json.dumps({"suites": [{
         "name": "tiny", "pair": str(active_pair),

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from bench_fixtures import copy_pair, write_lines
 from bild_fairseq.api import PairTranslator
-from jobs.distill import distill, model_flags
+from jobs.tuning.distill import distill, model_flags
 
 pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
 N_TRAIN = 40

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from bench_fixtures import write_lines
-from jobs.pareto import Point, frontier, recommend
-from jobs.sweep import sweep_command
+from jobs.tuning.pareto import Point, frontier, recommend
+from jobs.tuning.sweep import sweep_command
 
 pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
 

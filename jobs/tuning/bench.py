@@ -1,10 +1,10 @@
-"""``bild-jobs bench``: is BiLD faster at (almost) the big model's quality? One run, one machine.
+"""`bild-jobs bench`: is BiLD faster at (almost) the big model's quality? One run, one machine.
 
 \b
     bild-jobs bench benchmarks/suites.json --repeats 3 --out benchmarks/out
 
 For each suite (a pair directory and a test set), every variant decodes the same batches,
-interleaved batch by batch (see jobs.measure), at every batching:
+interleaved batch by batch (see jobs.tuning.measure), at every batching:
 
 \b
     stock        fairseq's own SequenceGenerator(beam_size=1), big model: what a user runs today
@@ -16,7 +16,7 @@ interleaved batch by batch (see jobs.measure), at every batching:
     ct2-fp32     peer: CTranslate2 greedy on the big model (its own converter), float32 weights
     ct2-int8     the same with int8 weights (both skipped, with a note, without ctranslate2)
 
-plus the small/bild variants of any other small checkpoint the suite lists (``@name``).
+plus the small/bild variants of any other small checkpoint the suite lists (`@name`).
 Writes bench.json and bench.md to --out; --update-markdown rewrites BENCHMARKS.md's results.
 """
 from __future__ import annotations
@@ -36,10 +36,10 @@ import click
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
-from jobs.agreement import agreement
-from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, bild_rates, detokenize,
-                          encode, measure, read_lines)
-from jobs.peers import PeerUnavailable, ct2_missing
+from jobs.tuning.agreement import agreement
+from jobs.tuning.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, bild_rates,
+                                 detokenize, encode, measure, read_lines)
+from jobs.tuning.peers import PeerUnavailable, ct2_missing
 from jobs.workdir import sha256_file
 
 DEFAULT_BATCHINGS = ("1", "16", "tokens:4096")
@@ -173,7 +173,7 @@ def _add_peak_memory(suite: Suite, variants: list[Variant], lines: list[str], ba
                      device: str, threads: int | None, rows: list[dict], echo) -> None:
     """Peak RSS per variant and batching, each variant in a fresh process, after all timing (so
     they may run side by side: a process's resident set does not depend on its neighbours')."""
-    from jobs.peakmem import peak_memory
+    from jobs.tuning.peakmem import peak_memory
 
     echo(f"[{suite.name}] peak memory of {len(variants)} variants, each in a fresh process")
     plan = [(b.max_sentences, b.max_tokens) for b in batchings]
@@ -233,7 +233,7 @@ def command_line(ctx: click.Context) -> str:
     return shlex.join(words)
 
 
-@click.command(name="bench", help=__doc__, short_help="Time BiLD against stock fairseq and the big and small models.")
+@click.command(name="bench", help=__doc__)
 @click.argument("suites_file", metavar="SUITES.json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/out"),
               show_default=True, help="writes bench.json and bench.md here")
@@ -252,7 +252,7 @@ def command_line(ctx: click.Context) -> str:
               help="also rewrite the generated section of this file (e.g. BENCHMARKS.md)")
 def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tuple[str, ...], repeats: int,
           limit: int | None, memory: bool, device: str, threads: int | None, update_markdown: Path | None) -> None:
-    from jobs.benchreport import render, update_section
+    from jobs.tuning.benchreport import render, update_section
 
     try:
         suites = load_suites(suites_file)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.targets import check
+from jobs.tuning.targets import check
 
 BEGIN = "<!-- bild-jobs bench: generated section, begin -->"
 END = "<!-- bild-jobs bench: generated section, end -->"

@@ -1,6 +1,6 @@
 """Where BiLD's time goes on this machine, for BENCHMARKS.md's analysis.
 
-    OMP_NUM_THREADS=1 python benchmarks/costs.py data/pairs/deen data/corpora/lohelp.de-en.test.de.xz --limit 100
+    OMP_NUM_THREADS=1 python -m jobs.tuning.costs data/pairs/deen data/corpora/lohelp.de-en.test.de.xz --limit 100
 
 1. The cost of one decoder pass of each model over k new tokens (batch 1, after a 20-token
    prefix): BiLD bets that the big model verifying k tokens in one pass costs about one pass.
@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 
 from bild_fairseq import generator, incremental
-from jobs.measure import Batching, PairModels, Variant, encode, generate, plan_batches, read_lines, stats_of
+from jobs.tuning.measure import Batching, PairModels, Variant, encode, generate, plan_batches, read_lines, stats_of
 
 KS = (1, 2, 4, 8, 11)
 #: timed methods (old engine's names, then the new one's) -> column label

@@ -1,17 +1,17 @@
-"""``bild-jobs distill``: align the small model with the big one (sequence-level distillation).
+"""`bild-jobs distill`: align the small model with the big one (sequence-level distillation).
 
 BiLD is fast when the small model agrees with the big one: fewer fallbacks and rollbacks. The
 paper fine-tunes the small model on the big model's own outputs. One command does it all:
 
 \b
-  1. the big model decodes the training sources greedily, through ``bild-jobs run --big-only``
+  1. the big model decodes the training sources greedily, through `bild-jobs run --big-only`
      (sharded and resumable like any run: rerunning this command picks up where it stopped);
-  2. ``fairseq-train`` fine-tunes the small model on (source, big output), starting from the
+  2. `fairseq-train` fine-tunes the small model on (source, big output), starting from the
      pair's small checkpoint, with the same architecture and dictionaries; its validation set
      is the dev sources with the big model's outputs (what the small model should imitate; the
      references would make the least-aligned checkpoint "best");
   3. the aligned model is compared with the pair's small model on the dev set in the format of
-     ``bild-jobs bench``: agreement with the big model, fallback/rollback rates, BiLD speedup.
+     `bild-jobs bench`: agreement with the big model, fallback/rollback rates, BiLD speedup.
 
 \b
     bild-jobs distill --pair data/pairs/deen --train-source data/corpora/lohelp.de-en.train.de.xz \\
@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -36,9 +37,14 @@ import bild_fairseq
 from bild_fairseq.checkpoints import export_for_inference
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
-from jobs.bench import SmallModel, Suite, run_suite
-from jobs.benchreport import render_suite
-from jobs.measure import Batching, MeasureError, read_lines
+from jobs.collect import CollectError
+from jobs.config import ConfigError, Decoding
+from jobs.executors.local import LocalExecutor, plan_slots
+from jobs.runner import ConfigChanged, RunFailed, RunRequest, run_job
+from jobs.tuning.bench import SmallModel, Suite, run_suite
+from jobs.tuning.benchreport import render_suite
+from jobs.tuning.measure import Batching, MeasureError, read_lines
+from jobs.workdir import WorkDir, WorkDirError
 from jobs.worker import resolve_device
 
 PLUGIN_DIR = Path(bild_fairseq.__file__).resolve().parent
@@ -56,16 +62,17 @@ def teacher_outputs(spec: PairSpec, source: Path, limit: int | None, workdir: Pa
                     device: str, name: str) -> tuple[Path, Path]:
     """Step 1: the big model's greedy outputs for ``source`` (or its first ``limit`` lines), via
     the batch runner, as WORKDIR/NAME.out; returns the source file it decoded and the output file."""
-    from jobs.cli import run as run_command
-
     if limit is not None:
         head = workdir / f"{name}.source"
         head.write_text("".join(line + "\n" for line in read_lines(source, limit)), encoding="utf-8")
         source = head
     output = workdir / f"{name}.out"
-    args = [str(source), "--pair", str(spec.directory), "--output", str(output), "--workdir",
-            str(workdir / f"{name}.work"), "--big-only", "--executor", "local", "--device", device, "--no-progress"]
-    run_command.main(args + (["--workers", str(workers)] if workers else []), standalone_mode=False)
+    wd, slots = WorkDir(workdir / f"{name}.work"), plan_slots(device, workers)
+    request = RunRequest(input=source, pair_dir=spec.directory, output=output, decoding=Decoding(mode="big"),
+                         parallel=len(slots), device=device)
+    run_job(wd, request, lambda cfg: (LocalExecutor(wd, [sys.executable], slots), {"name": "local",
+                                                                                  "workers": len(slots)}),
+            echo=lambda message: click.echo(message, err=True))
     return source, output
 
 
@@ -174,7 +181,7 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
     return lines
 
 
-@click.command(name="distill", help=__doc__, short_help="Align the small model with the big one by sequence-level distillation.")
+@click.command(name="distill", help=__doc__)
 @click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--train-source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="training sources to distil on (plain, .gz or .xz)")
@@ -222,7 +229,8 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref,
                       (SmallModel(), SmallModel(name)))
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
-    except (PairDirError, MeasureError, DistillError, BildOptionError) as e:
+    except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
+            WorkDirError, CollectError) as e:
         raise click.ClickException(str(e)) from None
     report = "\n".join(["## Aligned small model", "", *comparison(result, spec.small, name), "", *render_suite(result)])
     (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

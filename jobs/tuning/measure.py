@@ -154,7 +154,7 @@ class PairModels:
         tgt = self.base.task.target_dictionary
         gen = {k: self.base.settings[k] for k in ("max_len_a", "max_len_b")}
         if v.mode == "ct2":
-            from jobs.peers import CT2Generator, convert_ct2
+            from jobs.tuning.peers import CT2Generator, convert_ct2
 
             if self.ct2_dir is None:  # once per pair, for every CTranslate2 variant
                 self.ct2_dir, self.conversion_seconds = convert_ct2(self.spec)

@@ -1,6 +1,6 @@
 """Peak memory of one decoding variant, in a fresh process that loads only that variant's models.
 
-    python -m jobs.peakmem REQUEST.json        # prints one JSON line
+    python -m jobs.tuning.peakmem REQUEST.json        # prints one JSON line
 
 Peak resident set size (Linux VmHWM) covers Python, torch, fairseq, the models and decoding; it
 is reset (``/proc/self/clear_refs``) before each batching, which are decoded in the order given.
@@ -32,7 +32,7 @@ def measure_process(request: dict) -> dict:
     """Run in the fresh process: load, then decode every batching; MiB per batching name."""
     import torch
 
-    from jobs.measure import Batching, PairModels, Variant, encode, generate, plan_batches
+    from jobs.tuning.measure import Batching, PairModels, Variant, encode, generate, plan_batches
 
     if request.get("threads"):
         torch.set_num_threads(request["threads"])
@@ -63,7 +63,7 @@ def peak_memory(pair: str | Path, variant: dict, lines: list[str], batchings: li
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "request.json"
     path.write_text(json.dumps(request), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "jobs.peakmem", str(path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "jobs.tuning.peakmem", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory run of {variant['name']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

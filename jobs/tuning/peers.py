@@ -3,7 +3,7 @@
 CTranslate2 (``pip install -e ".[peers]"``) decodes the pair's big model greedily after its own
 ``FairseqConverter`` has converted it; ``float32`` and ``int8`` weights. The peer is wrapped as a
 fairseq-style generator (``generate(models, sample)``), so it gets the same collated batches and
-the same timer as every other variant in ``jobs.measure``; token ids go in and come out, nothing
+the same timer as every other variant in ``jobs.tuning.measure``; token ids go in and come out, nothing
 is re-tokenized. The converted model is cached by the checkpoint's checksum, so conversion is
 paid once and never timed.
 """

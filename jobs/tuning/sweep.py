@@ -1,4 +1,4 @@
-"""``bild-jobs sweep``: pick BiLD's thresholds on a dev set, from measured speed and quality.
+"""`bild-jobs sweep`: pick BiLD's thresholds on a dev set, from measured speed and quality.
 
 \b
     bild-jobs sweep --pair data/pairs/deen --input data/corpora/lohelp.de-en.valid.de.xz \\
@@ -6,7 +6,7 @@
 
 Decodes the dev lines with the big model alone, the small model alone, BiLD exact mode and BiLD
 at every (fallback, rollback, max-small-steps) grid point, interleaved on identical batches (see
-jobs.measure), then writes points.csv/points.json, sweep.png (quality vs speedup, Pareto frontier)
+jobs.tuning.measure), then writes points.csv/points.json, sweep.png (quality vs speedup, Pareto frontier)
 and recommendation.json, and prints the flags of the fastest setting within the quality budget.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ import click
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
-from jobs.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Variant, bild_rates, detokenize, encode,
-                          measure, read_lines)
-from jobs.pareto import Point, frontier, plot, recommend
-from jobs.targets import QUALITY
+from jobs.tuning.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Variant, bild_rates, detokenize,
+                                 encode, measure, read_lines)
+from jobs.tuning.pareto import Point, frontier, plot, recommend
+from jobs.tuning.targets import QUALITY
 
 def grid(fallbacks: list[float], rollbacks: list[float], steps: list[int], small: str | None) -> list[Variant]:
     """The baselines, exact mode, and BiLD at every threshold combination."""
@@ -117,7 +117,7 @@ def _floats(text: str) -> list[float]:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
-@click.command(name="sweep", help=__doc__, short_help="Sweep BiLD thresholds on a dev set; recommend the fastest within a quality budget.")
+@click.command(name="sweep", help=__doc__)
 @click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--input", "source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="dev source lines (plain, .gz or .xz); never the test set")

@@ -1,0 +1,41 @@
+"""The packages import only downward: tools (jobs.tuning) -> runner (jobs) -> plugin (bild_fairseq)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: package folder -> the packages its modules must not import
+FORBIDDEN = {"bild_fairseq": ("jobs",), "jobs": ("jobs.tuning",), "jobs/executors": ("jobs.tuning",)}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-local imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_modules_import_only_downward(folder):
+    upward = {f"{path.relative_to(ROOT)} imports {name}"
+              for path in (ROOT / folder).glob("*.py") for name in imported_modules(path)
+              for banned in FORBIDDEN[folder] if name == banned or name.startswith(banned + ".")}
+    assert not upward
+
+
+def test_the_tools_reach_the_runner_through_functions_not_its_cli():
+    assert not {f"{path.name} imports {name}" for path in (ROOT / "jobs/tuning").glob("*.py")
+                for name in imported_modules(path) if name == "jobs.cli"}
+
+
+def test_the_layout_test_sees_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from jobs.tuning.bench import bench\n")
+    assert "jobs.tuning.bench" in imported_modules(bad)

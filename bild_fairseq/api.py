@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 import bild_fairseq  # noqa: F401  (installs the checkpoint allow-list and options)
-from bild_fairseq.config import BildOptionError
+from bild_fairseq.config import DEFAULTS, BildOptionError, check_settings
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.stats import BildStats
 
@@ -47,6 +47,8 @@ class PairTranslator:
     def from_pair_dir(cls, pair_dir: str | Path, mode: str = "bild", small_checkpoint: str | None = None,
                       exact: bool = False, fallback_threshold: float | None = None,
                       rollback_threshold: float | None = None, max_small_steps: int | None = None,
+                      wait_share: float | None = None, max_wait: int | None = None,
+                      verify_drafting: bool | None = None,
                       beam: int = 1, device: str = "cpu", fp16: bool = False,
                       max_len_a: float | None = None, max_len_b: int | None = None) -> "PairTranslator":
         """Load a pair directory. ``mode`` "big"/"small" decode with one model (baselines)."""
@@ -71,9 +73,11 @@ class PairTranslator:
             (model,), _ = checkpoint_utils.load_model_ensemble([str(path)], task=task)
             model = model.half() if fp16 else model
             models.append(model.to(device).eval())
-        bild = {**spec.bild, **{k: v for k, v in {
-            "fallback_threshold": fallback_threshold, "rollback_threshold": rollback_threshold,
-            "max_small_steps": max_small_steps}.items() if v is not None}}
+        given = {"fallback_threshold": fallback_threshold, "rollback_threshold": rollback_threshold,
+                 "max_small_steps": max_small_steps, "wait_share": wait_share, "max_wait": max_wait,
+                 "verify_drafting": verify_drafting}
+        bild = {**DEFAULTS, **spec.bild, **{k: v for k, v in given.items() if v is not None}}
+        check_settings(bild)
         gen = {"max_len_a": spec.generation.get("max_len_a", 0), "max_len_b": spec.generation.get("max_len_b", 200)}
         gen.update({k: v for k, v in {"max_len_a": max_len_a, "max_len_b": max_len_b}.items() if v is not None})
         settings = {"pair": str(Path(pair_dir).resolve()), "mode": mode, "models": [p.name for p in files],

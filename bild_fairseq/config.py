@@ -29,6 +29,22 @@ class BildConfig(FairseqDataclass):
     bild_max_small_steps: int = field(
         default=10, metadata={"help": "BiLD: hand over to the big model after this many consecutive small-model tokens"}
     )
+    bild_wait_share: float = field(
+        default=0.0,
+        metadata={"help": "BiLD batch policy: a sentence that hands over waits, frozen, until this share of the "
+                          "batch's unfinished sentences waits; then one big-model pass verifies them all "
+                          "(0: run the big model as soon as any sentence needs it). Changes speed, not output"},
+    )
+    bild_max_wait: int = field(
+        default=1000,
+        metadata={"help": "BiLD batch policy: run the big model anyway once a sentence has waited this many "
+                          "loop iterations"},
+    )
+    bild_verify_drafting: bool = field(
+        default=False,
+        metadata={"help": "BiLD batch policy: each big-model pass also checks the still-drafting sentences' "
+                          "unchecked tokens (a rejection then cuts at once). Changes speed, not output"},
+    )
     bild_exact: bool = field(
         default=False,
         metadata={"help": "BiLD: roll back on any disagreement with the big model's argmax; output then equals "
@@ -40,6 +56,12 @@ class BildConfig(FairseqDataclass):
 
 
 BILD_FIELDS = tuple(f.name for f in fields(BildConfig))
+#: BiLD's settings: pair.json's "bild" keys, PairTranslator's and the generator's keywords, and
+#: (prefixed with bild_) the --bild-* options. The batch policy changes speed, never output.
+THRESHOLDS = ("fallback_threshold", "rollback_threshold", "max_small_steps")
+BATCH_POLICY = ("wait_share", "max_wait", "verify_drafting")
+SETTINGS = THRESHOLDS + BATCH_POLICY
+DEFAULTS = {name: BildConfig.__dataclass_fields__[f"bild_{name}"].default for name in SETTINGS}
 
 
 class BildOptionError(ValueError):
@@ -53,3 +75,20 @@ def check_thresholds(fallback_threshold: float, rollback_threshold: float, max_s
         raise BildOptionError(f"--bild-rollback-threshold must be >= 0 (a cross-entropy in nats), got {rollback_threshold}")
     if max_small_steps < 1:
         raise BildOptionError(f"--bild-max-small-steps must be >= 1, got {max_small_steps}")
+
+
+def check_settings(settings: dict) -> None:
+    """Validate a "bild" settings dict (pair.json's, or overrides of it); absent keys take DEFAULTS."""
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise BildOptionError(f"unknown BiLD setting(s) {', '.join(unknown)}: known are {', '.join(SETTINGS)}")
+    full = {**DEFAULTS, **settings}
+    check_thresholds(*(full[k] for k in THRESHOLDS))
+    check_batch_policy(full["wait_share"], full["max_wait"])
+
+
+def check_batch_policy(wait_share: float, max_wait: int) -> None:
+    if not 0.0 <= wait_share <= 1.0:
+        raise BildOptionError(f"--bild-wait-share must be in [0, 1] (a share of the batch), got {wait_share}")
+    if max_wait < 1:
+        raise BildOptionError(f"--bild-max-wait must be >= 1 (loop iterations), got {max_wait}")

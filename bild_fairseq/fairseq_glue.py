@@ -28,7 +28,7 @@ import typing
 
 import torch
 
-from bild_fairseq.config import BILD_FIELDS, BildConfig, BildOptionError
+from bild_fairseq.config import BILD_FIELDS, SETTINGS, BildConfig, BildOptionError
 from bild_fairseq.safe_load import allow_fairseq_checkpoints, explain_refusal
 
 logger = logging.getLogger("bild_fairseq")
@@ -130,9 +130,7 @@ def _hook_build_generator() -> None:
         small = load_small_model(opts["bild_small_path"], self, models[0])
         generator = stock(self, models, args, BildSequenceGenerator, {
             **(extra_gen_cls_kwargs or {}), "small_model": small,
-            "fallback_threshold": opts["bild_fallback_threshold"],
-            "rollback_threshold": opts["bild_rollback_threshold"],
-            "max_small_steps": opts["bild_max_small_steps"], "exact": opts["bild_exact"],
+            **{name: opts[f"bild_{name}"] for name in SETTINGS}, "exact": opts["bild_exact"],
         }, **kwargs)
         atexit.register(report_stats, generator, opts["bild_stats_json"])
         return generator

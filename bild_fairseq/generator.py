@@ -4,18 +4,25 @@ Per batch (every sentence keeps its own state; the big model runs only on senten
 
     encode the batch with both encoders
     while some sentence is unfinished:
-        propose (small model): feed each sentence's newest token, take the argmax of the next
-            position; fallback policy: confident and under max-small-steps -> keep the proposal
-        read the iteration's counters (the loop's one host sync): who needs the big model,
-            how many unseen tokens, who finished -> finished sentences leave the batch
-        verify (big model), for sentences that fell back or proposed EOS: one pass over all
-            their unseen tokens -> rollback policy on the small tokens since its last pass;
+        propose (small model): feed each drafting sentence's newest token, take the argmax of
+            the next position; fallback policy: confident and under max-small-steps -> keep the
+            proposal, else (or on a proposed EOS) the sentence waits for the big model, frozen
+        batch policy: is a big pass due (enough of the batch waits, or one waited too long)?
+        read the iteration's counters (the loop's one host sync): how many sentences the big
+            model verifies, how many unseen tokens, who finished -> finished sentences leave
+        verify (big model), when due, for the waiting sentences (and, with verify_drafting,
+            the drafting ones with unchecked tokens): one pass over all their unseen tokens ->
+            rollback policy on the small tokens since its last pass;
             rejected -> replace the first rejected token by the big argmax, cut the rest,
                         truncate both caches
-            accepted -> a verified EOS ends the sentence, else append the big model's next token
+            accepted -> waiting: a verified EOS ends the sentence, else append the big model's
+                        next token; drafting: nothing changes, it drafts on
 
-With no small model the same loop is plain greedy decoding of one model (the project's own
-big-only baseline). Deliberate deviations from the official BiLD code are listed in the README.
+Neither waiting nor early checks change a sentence's output (in exact or lossy mode): a waiting
+sentence is frozen, and a drafting one's tokens are each checked once against the same big-model
+distribution whenever its pass happens, the first rejection cutting as a later pass would. With no
+small model the same loop is plain greedy decoding of one model (the project's own big-only
+baseline). Deliberate deviations from the official BiLD code are listed in the README.
 
 Per-step cost: the small model always feeds exactly one token per sentence (its cache is kept
 one token behind), so proposing uses :meth:`IncrementalDecoder.step`, the specialised one-token
@@ -32,21 +39,22 @@ from torch import Tensor
 
 from fairseq.sequence_generator import SequenceGenerator
 
-from bild_fairseq.config import BildOptionError, check_thresholds
+from bild_fairseq.config import BildOptionError, check_batch_policy, check_thresholds
 from bild_fairseq.incremental import DecoderCache, IncrementalDecoder
-from bild_fairseq.policies import fallback, first_rollback
+from bild_fairseq.policies import big_pass_due, fallback, first_rollback
 from bild_fairseq.rules import SearchRules
 from bild_fairseq.stats import BildStats
 
 #: the per-batch counters kept on the device (BildStats fields)
-COUNTERS = ("small_steps", "fallbacks", "eos_checks", "big_calls", "rollbacks")
+COUNTERS = ("small_steps", "fallbacks", "eos_checks", "big_calls", "big_passes", "early_checks", "rollbacks")
 
 
 class BildSequenceGenerator(SequenceGenerator):
     """Greedy BiLD decoding of ``models[0]`` (big) with ``small_model``; SequenceGenerator's contract."""
 
     def __init__(self, models, tgt_dict, small_model=None, fallback_threshold: float = 0.6,
-                 rollback_threshold: float = 5.0, max_small_steps: int = 10, exact: bool = False, **kwargs):
+                 rollback_threshold: float = 5.0, max_small_steps: int = 10, exact: bool = False,
+                 wait_share: float = 0.0, max_wait: int = 1000, verify_drafting: bool = False, **kwargs):
         if kwargs.get("beam_size", 1) != 1:
             raise BildOptionError(f"BiLD decodes greedily: use --beam 1 (got --beam {kwargs['beam_size']})")
         if len(models) != 1:
@@ -56,6 +64,7 @@ class BildSequenceGenerator(SequenceGenerator):
         if kwargs.get("temperature", 1.0) != 1.0:
             raise BildOptionError("BiLD's policies are defined on the models' own distributions: use --temperature 1")
         check_thresholds(fallback_threshold, rollback_threshold, max_small_steps)
+        check_batch_policy(wait_share, max_wait)
         super().__init__(models, tgt_dict, **kwargs)
         self.big = IncrementalDecoder(models[0].decoder)
         self.small_model = small_model
@@ -72,6 +81,7 @@ class BildSequenceGenerator(SequenceGenerator):
         self.rollback_threshold = rollback_threshold
         self.max_small_steps = max_small_steps
         self.exact = exact
+        self.wait_share, self.max_wait, self.verify_drafting = wait_share, max_wait, verify_drafting
         self.rules = SearchRules(len(tgt_dict), self.pad, self.unk, self.eos, self.unk_penalty,
                                  self.token_indices_to_suppress, self.min_len)
         self.stats = BildStats()
@@ -105,7 +115,8 @@ class BildSequenceGenerator(SequenceGenerator):
             if small_cache is not None:
                 self._propose(state, small_cache, n_max + 1)
             else:
-                state.needs_big = ~state.finished
+                state.waiting = ~state.finished
+            state.plan(big_cache.length, self.wait_share, self.max_wait, self.verify_drafting)
             n_need, k_max, n_max, n_done = state.read(big_cache.length)
             if n_done:  # finished sentences leave the batch and its caches
                 done, keep = state.finished.nonzero().squeeze(1), (~state.finished).nonzero().squeeze(1)
@@ -124,14 +135,18 @@ class BildSequenceGenerator(SequenceGenerator):
         return hypotheses
 
     def _propose(self, s: "_BatchState", cache: DecoderCache, visible: int) -> None:
-        """Small model proposes one token for every unfinished sentence; marks hand-overs.
+        """Small model proposes one token for every drafting sentence; hand-overs start waiting.
 
-        Its cache holds every token but the newest, so it feeds exactly that one token."""
+        Its cache holds every token but the newest, so it feeds exactly that one token. Waiting
+        and finished sentences ride along (a one-row gather would cost more than their rows):
+        waiting ones write a scratch slot past their cache length, which is then left there."""
         step = s.n - 1
         last = s.tokens.gather(1, step.unsqueeze(1)).squeeze(1)
         lprobs = self.rules.apply(self.small.step(cache, last, visible), step, s.max_len)
+        cache.length -= s.waiting.long()  # already waited: this step's slot was scratch
+        s.waited += s.waiting
         best_lp, best = lprobs.max(dim=-1)
-        active = ~s.finished  # finished sentences ride along until the next read removes them
+        active = ~s.finished & ~s.waiting
         hand_over = fallback(best_lp, s.run, self.fallback_threshold, self.max_small_steps) & active
         keep = active & ~hand_over
         # written at every row's next position; only kept rows advance over it
@@ -141,12 +156,12 @@ class BildSequenceGenerator(SequenceGenerator):
         s.run += keep
         # a small-model EOS ends the sentence only once the big model has verified it
         eos_check = keep & (best == self.eos)
-        s.needs_big = hand_over | eos_check
+        s.waiting |= hand_over | eos_check
         s.count(small_steps=active, fallbacks=hand_over, eos_checks=eos_check)
 
     def _verify(self, s: "_BatchState", cache: DecoderCache, small_cache: DecoderCache | None,
                 n_need: int, k_max: int, n_max: int) -> None:
-        """One parallel big-model pass over each needing sentence's unseen tokens, then rollback."""
+        """One parallel big-model pass over each chosen sentence's unseen tokens, then rollback."""
         all_rows = n_need == s.size
         rows = torch.arange(s.size, device=s.n.device) if all_rows else torch.nonzero_static(
             s.needs_big, size=n_need).squeeze(1)
@@ -173,24 +188,30 @@ class BildSequenceGenerator(SequenceGenerator):
         proposal_scores = lprobs.gather(-1, proposals.unsqueeze(-1)).squeeze(-1)
         old_scores = s.scores[rows.unsqueeze(1), at]
         s.scores[rows.unsqueeze(1), at] = torch.where(entry < cut.unsqueeze(1), proposal_scores, old_scores)
-        # the big model's own token goes at the cut: the rejected position, or the next one
+        # the big model's own token goes at the cut (the rejected position, or the next one) of
+        # waiting sentences and of drafting ones it rejects; a drafting one it accepts drafts on
+        waiting = s.waiting[rows]
+        placed = waiting | rolled
         r = torch.arange(rows.numel(), device=rows.device)
         big_lp, big_token = lprobs[r, cut].max(dim=-1)
-        verified_eos = ~rolled & (n > 1) & (tokens[r, n - 1] == self.eos)
-        new_n = start + 1 + cut  # == n for a verified EOS: nothing is appended then
-        s.tokens[rows, new_n] = big_token
-        s.from_big[rows, new_n] = True
-        s.scores[rows, new_n] = big_lp
-        s.n[rows] = new_n + ~verified_eos
-        s.finished[rows] = verified_eos | (big_token == self.eos)
+        verified_eos = waiting & ~rolled & (n > 1) & (tokens[r, n - 1] == self.eos)
+        new_n = torch.where(placed, start + 1 + cut, n)  # == n for a verified EOS: nothing appended
+        s.tokens[rows, new_n] = torch.where(placed, big_token, s.tokens[rows, new_n])
+        s.from_big[rows, new_n] = placed
+        s.scores[rows, new_n] = torch.where(placed, big_lp, s.scores[rows, new_n])
+        s.n[rows] = new_n + (placed & ~verified_eos)
+        s.finished[rows] = placed & (verified_eos | (big_token == self.eos))
         # both caches keep only tokens before the newest one, which neither model has consumed
         for c in (cache, small_cache):
             if c is not None:
                 c.truncate(rows, s.n[rows] - 1)
-        s.run[rows] = 0
+        s.run[rows] = torch.where(placed, 0, s.run[rows])
+        s.waiting[rows] = False
+        s.waited[rows] = 0
         s.needs_big[rows] = False
-        s.count(rollbacks=rolled)
+        s.count(rollbacks=rolled, early_checks=~waiting)
         s.counters[COUNTERS.index("big_calls")] += n_need
+        s.counters[COUNTERS.index("big_passes")] += 1
 
     def _hypotheses(self, s: "_BatchState", rows: Tensor) -> list[dict]:
         """SequenceGenerator's hypothesis dicts for finished sentences ``rows``; counts their tokens."""
@@ -222,8 +243,10 @@ class _BatchState:
         self.scores = torch.zeros(bsz, width, device=device)
         self.from_big = torch.zeros(bsz, width, dtype=torch.bool, device=device)
         self.n = torch.ones(bsz, dtype=torch.long, device=device)  # tokens so far, BOS included
-        self.run = torch.zeros(bsz, dtype=torch.long, device=device)  # small tokens since last big pass
-        self.needs_big = torch.zeros(bsz, dtype=torch.bool, device=device)
+        self.run = torch.zeros(bsz, dtype=torch.long, device=device)  # small tokens since last hand-over
+        self.waiting = torch.zeros(bsz, dtype=torch.bool, device=device)  # handed over, frozen
+        self.waited = torch.zeros(bsz, dtype=torch.long, device=device)  # loop iterations waited
+        self.needs_big = torch.zeros(bsz, dtype=torch.bool, device=device)  # in this iteration's big pass
         self.finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
@@ -242,6 +265,14 @@ class _BatchState:
         """Add boolean per-sentence events to the named counters (on the device)."""
         index = _counter_index(tuple(events), self.counters.device)
         self.counters.index_add_(0, index, torch.stack([e.sum() for e in events.values()]))
+
+    def plan(self, big_length: Tensor, wait_share: float, max_wait: int, verify_drafting: bool) -> None:
+        """This iteration's big pass (``needs_big``; none when the batch policy says it is not due):
+        the waiting sentences, plus with ``verify_drafting`` the drafting ones that have small
+        tokens the big model has not checked (its cache is one token behind, hence >= 2)."""
+        unfinished = ~self.finished
+        chosen = self.waiting | (unfinished & (self.n - big_length >= 2)) if verify_drafting else self.waiting
+        self.needs_big = chosen & big_pass_due(self.waiting, self.waited, unfinished, wait_share, max_wait)
 
     def read(self, big_length: Tensor) -> tuple[int, int, int, int]:
         """The loop's one host sync per iteration: sentences needing the big model, the most

@@ -10,7 +10,8 @@
      "bpe": "subword_nmt", "bpe_codes": "bpe.codes",   # or "bpe": null for pre-split input
      "max_source_tokens": null,                        # truncation applied before BPE at training
      "big": "big.pt", "small": "small.pt",
-     "bild": {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10},
+     "bild": {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10,
+              "wait_share": 0.5, "max_wait": 1000, "verify_drafting": false},  # absent: the --bild-* defaults
      "generation": {"max_len_a": 0, "max_len_b": 200}}
 """
 from __future__ import annotations

@@ -5,6 +5,8 @@ after ``max_small_steps`` consecutive tokens.
 Rollback: after the big model has scored the small model's tokens y_1..y_k in one pass, the
 first y_i with d(p_big_i, y_i) = -log p_big_i(y_i) > alpha_RB is replaced by the big model's
 argmax and everything after it is dropped. Exact mode replaces the first y_i != argmax p_big_i.
+Batch policy (ours; the paper decodes one sentence at a time): a sentence that hands over waits,
+frozen, and the big model runs once for all waiting sentences when enough of the batch waits.
 """
 from __future__ import annotations
 
@@ -41,3 +43,19 @@ def first_rollback(big_logprobs: Tensor, small_tokens: Tensor, checkable: Tensor
     k = small_tokens.size(1)
     positions = torch.arange(k, device=small_tokens.device).expand_as(small_tokens)
     return torch.where(rejected, positions, k).min(dim=1).values if k > 0 else small_tokens.new_zeros(small_tokens.size(0))
+
+
+def big_pass_due(waiting: Tensor, waited: Tensor, unfinished: Tensor, wait_share: float, max_wait: int) -> Tensor:
+    """() bool: run the big model now, for every sentence waiting for it.
+
+    Due when some sentence waits and either at least ``wait_share`` of the unfinished sentences
+    wait (0: as soon as one does, the per-sentence policy; 1: only when all do), or one has waited
+    ``max_wait`` loop iterations (no sentence starves). A waiting sentence is frozen, so when
+    the pass runs changes only the batch's cost, never the sentence's output.
+
+    waiting, unfinished: (R,) bool; waited: (R,) iterations each has waited so far.
+    """
+    n_waiting = waiting.sum()
+    enough = n_waiting >= wait_share * unfinished.sum()
+    overdue = (waiting & (waited >= max_wait)).any()
+    return (n_waiting > 0) & (enough | overdue)

@@ -44,7 +44,8 @@ def _summary(result: dict, wd: WorkDir) -> str:
     stats = totals["stats"]
     if stats.get("tokens"):
         lines.append(f"decoding: {stats['tokens']} tokens, big-model share {100 * stats['big_token_share']:.1f}%, "
-                     f"{stats['fallbacks']} fallbacks, {stats['rollbacks']} rollbacks")
+                     f"{stats['fallbacks']} fallbacks, {stats['rollbacks']} rollbacks, "
+                     f"{stats['big_passes_per_token']:.3f} big-model calls per token")
     if totals["lines_per_second"]:
         lines.append(f"time: {totals['wall_seconds']:.1f} s wall, {totals['lines_per_second']:.1f} lines/s")
     lines += [f"{s['name']} = {s['value']:.2f}  ({s['signature']})" for s in result.get("scores", [])]
@@ -112,6 +113,12 @@ def main() -> None:
 @click.option("--fallback-threshold", type=float, help="BiLD fallback threshold [pair.json's]")
 @click.option("--rollback-threshold", type=float, help="BiLD rollback threshold [pair.json's]")
 @click.option("--max-small-steps", type=int, help="BiLD max consecutive small-model steps [pair.json's]")
+@click.option("--wait-share", type=click.FloatRange(0, 1), help="BiLD batch policy: run the big model once this "
+              "share of a batch's unfinished sentences waits for it (0: whenever one does) [pair.json's]")
+@click.option("--max-wait", type=click.IntRange(min=1), help="BiLD batch policy: ... or once a sentence has waited "
+              "this many iterations [pair.json's]")
+@click.option("--verify-drafting/--no-verify-drafting", default=None, help="BiLD batch policy: each big pass also "
+              "checks the drafting sentences' tokens [pair.json's]")
 @click.option("--beam", type=click.IntRange(min=1), default=1, show_default=True,
               help="beam size (--big-only/--small-only only)")
 @click.option("--max-len-a", type=float, help="max output length a*source+b [pair.json's]")
@@ -141,7 +148,7 @@ def main() -> None:
 def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, shards: int | None, executor: str,
         workers: int | None, mode: str, small_checkpoint: str | None, bild_exact: bool,
         fallback_threshold: float | None, rollback_threshold: float | None, max_small_steps: int | None,
-        beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool, max_tokens: int,
+        wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool, max_tokens: int,
         max_sentences: int | None, device: str, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
         cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], dry_run: bool) -> None:
@@ -174,7 +181,8 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
     try:
         decoding = Decoding(mode=mode, small_checkpoint=small_checkpoint, exact=bild_exact,
                             fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
-                            max_small_steps=max_small_steps, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
+                            max_small_steps=max_small_steps, wait_share=wait_share, max_wait=max_wait,
+                            verify_drafting=verify_drafting, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
                             fp16=fp16)
         slots = plan_slots(device, workers) if executor == "local" else []
         request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,

@@ -15,7 +15,12 @@ class CollectError(RuntimeError):
 
 
 def concatenate(wd: WorkDir, cfg: RunConfig, output: Path) -> None:
-    """Write the shards' outputs to ``output`` (atomically), checking each one's line count."""
+    """Write the shards' outputs to ``output`` (atomically), after checking each against its record."""
+    damaged = [(i, problem) for i in range(cfg.shards) if (problem := wd.damage(i, cfg.hash))]
+    if damaged:
+        raise CollectError("\n".join(f"shard {i}: {problem}" for i, problem in damaged)
+                           + "\nnot collected: rerun the same `bild-jobs run` command to recompute "
+                           + ("it" if len(damaged) == 1 else "them"))
     missing = [i for i in range(cfg.shards) if not wd.is_done(i, cfg.hash)]
     if missing:
         raise CollectError(f"{len(missing)} of {cfg.shards} shard(s) are not done ({_ids(missing)}): "

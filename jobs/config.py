@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from bild_fairseq.config import BildOptionError, check_thresholds
+from bild_fairseq.config import BATCH_POLICY, SETTINGS, THRESHOLDS, BildOptionError, check_settings
 from bild_fairseq.pairdir import PairSpec
 from jobs.shards import plan
 from jobs.workdir import write_atomic
@@ -34,6 +34,9 @@ class Decoding:
     fallback_threshold: float | None = None
     rollback_threshold: float | None = None
     max_small_steps: int | None = None
+    wait_share: float | None = None
+    max_wait: int | None = None
+    verify_drafting: bool | None = None
     beam: int = 1
     max_len_a: float | None = None
     max_len_b: int | None = None
@@ -42,9 +45,10 @@ class Decoding:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"decoding mode must be one of {MODES}, got {self.mode!r}")
-        thresholds = [self.fallback_threshold, self.rollback_threshold, self.max_small_steps]
-        if self.mode != "bild" and (self.exact or any(t is not None for t in thresholds)):
-            raise ConfigError("--bild-exact and the BiLD thresholds apply to BiLD decoding, not to "
+        thresholds = [getattr(self, t) for t in THRESHOLDS]
+        policy = [getattr(self, t) for t in BATCH_POLICY]
+        if self.mode != "bild" and (self.exact or any(t is not None for t in thresholds + policy)):
+            raise ConfigError("--bild-exact, the BiLD thresholds and batch policy apply to BiLD decoding, not to "
                               "--big-only/--small-only baselines: drop them or drop the baseline flag")
         if self.exact and any(t is not None for t in thresholds):
             raise ConfigError("--bild-exact reproduces the big model's output and takes no thresholds: "
@@ -60,10 +64,9 @@ class Decoding:
         thresholds (given, or pair.json's) outside their range."""
         spec.check(*self.model_files(spec))
         if self.mode == "bild":
-            given = {"fallback_threshold": self.fallback_threshold, "rollback_threshold": self.rollback_threshold,
-                     "max_small_steps": self.max_small_steps}
+            given = {k: getattr(self, k) for k in SETTINGS if getattr(self, k) is not None}
             try:
-                check_thresholds(**{**spec.bild, **{k: v for k, v in given.items() if v is not None}})
+                check_settings({**spec.bild, **given})
             except BildOptionError as e:
                 raise ConfigError(f"{e} (from the command line, or {spec.directory / 'pair.json'})") from None
 
@@ -119,7 +122,10 @@ class RunConfig:
         self.hash = hashlib.sha256(json.dumps(self.hashed(), sort_keys=True).encode()).hexdigest()[:16]
 
     def hashed(self) -> dict:
+        """What the output depends on: not the batching, and not the BiLD batch policy (it decides
+        only when the big model runs), so a resumed run may change those."""
         data = asdict(self)
+        data["decoding"] = {k: v for k, v in data["decoding"].items() if k not in BATCH_POLICY}
         return {key: data[key] for key in self.HASHED}
 
     def ranges(self) -> list[range]:

@@ -140,6 +140,11 @@ def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo:
     """Run every shard that is not done, retrying failures up to ``retries`` times each;
     returns the shards that still failed. Keeps the manifest current as shards end."""
     in_flight = executor.attach()
+    for i in range(cfg.shards):
+        problem = None if i in in_flight else wd.damage(i, cfg.hash)
+        if problem:
+            echo(f"shard {i}: {problem}: recomputing it")
+            wd.discard(i)
     todo = [i for i in range(cfg.shards) if not wd.is_done(i, cfg.hash) and i not in in_flight]
     done_before = cfg.shards - len(todo) - len(in_flight)
     echo(f"{cfg.shards} shard(s) over {cfg.lines} lines: {done_before} done, {len(todo)} to run"

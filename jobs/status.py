@@ -49,6 +49,8 @@ def shard_states(wd: WorkDir, cfg: RunConfig) -> list[ShardState]:
             detail = f"slurm {job}_{i} {slurm_state}"
             if state == "running" and record is not None and record.status == "running":
                 detail += f", {wd.lines_in_progress(i)}/{len(lines)} lines on {record.host}"
+        elif problem := wd.damage(i, cfg.hash):
+            state, detail = "damaged", f"{problem}; the next run recomputes it"
         elif record is None:
             state, detail = "pending", ""
         elif record.status == "queued":
@@ -68,7 +70,8 @@ def status_table(wd: WorkDir, cfg: RunConfig, states: list[ShardState]) -> str:
     counts = Counter(s.state for s in states)
     done_lines = sum(len(s.lines) for s in states if s.state == "done")
     head = (f"{wd.root} (config {cfg.hash}): {cfg.lines} lines in {cfg.shards} shard(s); "
-            + ", ".join(f"{counts[k]} {k}" for k in ("done", "running", "pending", "failed"))
+            + ", ".join(f"{counts[k]} {k}" for k in ("done", "running", "pending", "failed", "damaged") if k != "damaged"
+                        or counts[k])
             + f"; {done_lines}/{cfg.lines} lines done")
     rows = [f"{'shard':>5}  {'input lines':<17}  {'state':<7}  {'try':>3}  detail"]
     rows += [f"{s.index:>5}  {f'{s.lines.start + 1}-{s.lines.stop}':<17}  {s.state:<7}  {s.attempt:>3}  {s.detail}"

@@ -4,7 +4,8 @@
     manifest.json        per-shard status and totals, rewritten by the driver and by collect
     issues.tsv           input lines that were empty, truncated or had invalid UTF-8 (collect)
     shards/00003.out     a finished shard's output lines      } written atomically, output first:
-    shards/00003.json    its record (jobs.workdir.ShardRecord) } a record "done" means both exist
+    shards/00003.json    its record (jobs.workdir.ShardRecord) } a record "done" means both exist,
+                         and carries the output's line count and sha256, checked before use
     shards/00003.progress  lines decoded so far by a running worker
     logs/shard-00003.local-2.log, logs/shard-00003.slurm-<jobid>.log   worker output per attempt
     slurm/               submitted job scripts and job ids
@@ -45,6 +46,16 @@ def write_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
+def count_and_hash(path: Path) -> tuple[int, str]:
+    """Newline count and sha256 of a file, in one pass."""
+    digest, lines = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            lines += chunk.count(b"\n")
+    return lines, digest.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -73,6 +84,8 @@ class ShardRecord:
     stats: dict = field(default_factory=dict)
     decoding: dict = field(default_factory=dict)  # PairTranslator.config_dict(): what was actually used
     timings: dict = field(default_factory=dict)   # seconds: load, decode, total
+    output_lines: int | None = None  # of shards/NNNNN.out as the worker wrote it
+    output_sha256: str | None = None
 
     @property
     def lines(self) -> int:
@@ -122,10 +135,39 @@ class WorkDir:
         return self.logs / f"shard-{shard}.slurm-{job_id}.log"
 
     def read_record(self, index: int) -> ShardRecord | None:
+        """The shard's record; None when there is none or it is unreadable (:meth:`damage` names it)."""
         try:
             return ShardRecord(**json.loads(self.record_path(index).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def damage(self, index: int, config_hash: str) -> str | None:
+        """Why a shard that looks done must not be used, or None: its record is unreadable, or
+        its output is missing or differs from the line count and checksum its record holds."""
+        path = self.record_path(index)
+        try:
+            record = ShardRecord(**json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             return None
+        except (OSError, ValueError, TypeError) as e:
+            return f"its record {path} is unreadable ({type(e).__name__})"
+        if record.status != "done" or record.config_hash != config_hash:
+            return None
+        output = self.output(index)
+        if not output.is_file():
+            return f"its output {output} is missing"
+        if record.output_sha256 is None:  # written before records carried checksums
+            return None
+        lines, sha = count_and_hash(output)
+        if (lines, sha) != (record.output_lines, record.output_sha256):
+            return (f"its output {output} was changed after the worker wrote it ({lines} lines, sha256 "
+                    f"{sha[:12]}; the record says {record.output_lines} lines, {record.output_sha256[:12]})")
+        return None
+
+    def discard(self, index: int) -> None:
+        """Forget a shard's result (a damaged one, to recompute)."""
+        for path in (self.record_path(index), self.output(index), self.progress(index)):
+            path.unlink(missing_ok=True)
 
     def write_record(self, record: ShardRecord) -> None:
         write_atomic(self.record_path(record.index), json.dumps(asdict(record), indent=1) + "\n")

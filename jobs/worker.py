@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from jobs.config import RunConfig
 from jobs.manifest import merge_stats
 from jobs.shards import decode_line, iter_lines
-from jobs.workdir import ShardRecord, WorkDir, atomic_writer, write_atomic
+from jobs.workdir import ShardRecord, WorkDir, atomic_writer, count_and_hash, write_atomic
 
 PROGRESS_EVERY_S = 1.0
 # Isolating lines the decoder cannot process stops here: a broken model or a bug fails every
@@ -122,6 +122,7 @@ def run_shard(wd: WorkDir, index: int, log: Path | None) -> ShardRecord:
         with atomic_writer(wd.output(index)) as f:
             for hyp in hyps:  # a newline inside a hypothesis would shift every later line
                 f.write(hyp.replace("\n", " ").replace("\r", " ") + "\n")
+        record.output_lines, record.output_sha256 = count_and_hash(wd.output(index))
         record.issues = sorted(issues + [[lines.start + i, kind, detail] for i, kind, detail in decoded_issues])
         record.stats = merge_stats(stats)
         record.decoding = translator.config_dict()

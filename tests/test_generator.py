@@ -70,6 +70,10 @@ def load(pair_dir):
 
 SETTINGS = [dict(fallback_threshold=0.0, max_small_steps=3), dict(fallback_threshold=0.0, max_small_steps=10),
             dict(fallback_threshold=0.6, max_small_steps=10), dict(fallback_threshold=0.05, max_small_steps=5)]
+#: batch policies: per-sentence (default), waiting for a share of the batch or a time-out, all waiting
+#: with the drafting sentences checked along
+POLICIES = [dict(), dict(wait_share=0.5, max_wait=3), dict(wait_share=1.0, verify_drafting=True),
+            dict(wait_share=0.3, max_wait=2, verify_drafting=True)]
 
 
 @pytest.mark.parametrize("pair_index", [0, 1, 2, 3])
@@ -78,11 +82,12 @@ def test_exact_mode_equals_stock_fairseq_greedy(pairs, pair_index):
     big, small = load(pair_dir)
     sources = encode(big, lines)
     reference = decode_all(stock_greedy(big.generator.model.single_model, big.task.target_dictionary), sources, 1)
-    for settings in SETTINGS:
-        for batch_size in (1, 3, 16):
-            gen = bild(big, small, exact=True, rollback_threshold=5.0, **settings)
-            assert decode_all(gen, sources, batch_size) == reference, (settings, batch_size)
-            assert gen.stats.small_tokens > 0 or settings["fallback_threshold"] > 0
+    runs = [(settings, POLICIES[0], batch_size) for settings in SETTINGS for batch_size in (1, 3, 16)]
+    runs += [(settings, policy, 16) for settings in SETTINGS[::2] for policy in POLICIES[1:]]
+    for settings, policy, batch_size in runs:
+        gen = bild(big, small, exact=True, rollback_threshold=5.0, **settings, **policy)
+        assert decode_all(gen, sources, batch_size) == reference, (settings, policy, batch_size)
+        assert gen.stats.small_tokens > 0 or settings["fallback_threshold"] > 0
 
 
 def test_lossy_edge_thresholds_reduce_to_one_model(pairs):
@@ -104,13 +109,18 @@ def test_lossy_edge_thresholds_reduce_to_one_model(pairs):
 
 @pytest.mark.parametrize("settings", [dict(fallback_threshold=0.0, rollback_threshold=2.0, max_small_steps=4),
                                       dict(fallback_threshold=0.0, rollback_threshold=4.0, max_small_steps=10)])
-def test_lossy_output_does_not_depend_on_batch(pairs, settings):
+def test_lossy_output_does_not_depend_on_batch_or_batch_policy(pairs, settings):
+    """Each sentence alone, and inside batches of different sizes and orders, under every batch
+    policy: the same output (the policy only decides when the big model runs)."""
     pair_dir, lines = pairs[3]
     big, small = load(pair_dir)
     sources = encode(big, lines)
-    one = decode_all(bild(big, small, **settings), sources, 1)
-    for batch_size in (3, 16):
-        assert decode_all(bild(big, small, **settings), sources, batch_size) == one
+    alone = decode_all(bild(big, small, **settings), sources, 1)
+    assert decode_all(bild(big, small, **settings), sources, 3) == alone
+    for policy in POLICIES:
+        gen = bild(big, small, **settings, **policy)
+        assert decode_all(gen, sources, 16) == alone, policy
+        assert decode_all(gen, sources[::-1], 7) == alone[::-1], policy
 
 
 def test_statistics_add_up(pairs):
@@ -125,11 +135,33 @@ def test_statistics_add_up(pairs):
     assert st.rollbacks > 0 and st.small_tokens > 0 and st.big_tokens > 0
     # every big pass appends exactly one big token, except a pass that verifies a small EOS
     assert st.big_tokens <= st.big_calls <= st.big_tokens + st.eos_checks
+    assert st.big_passes <= st.big_calls and st.early_checks == 0  # per-sentence policy: no early checks
     # with fallback threshold 0, only max-small-steps makes the small model hand over
     assert st.fallbacks <= st.small_steps // 4 + len(lines)
     d = st.to_dict()
     assert d["big_token_share"] == pytest.approx(st.big_tokens / st.tokens)
     assert d["tokens_per_big_call"] == pytest.approx(st.tokens / st.big_calls)
+    assert d["big_passes_per_token"] == pytest.approx(st.big_passes / st.tokens)
+
+
+def test_waiting_batches_the_big_model_calls(pairs):
+    """Waiting for the whole batch calls the big model less often, for more sentences per call;
+    checking the drafting sentences along adds verifications that append nothing unless rejected."""
+    pair_dir, lines = pairs[1]
+    big, small = load(pair_dir)
+    sources = encode(big, lines)
+    settings = dict(fallback_threshold=0.0, rollback_threshold=7.5, max_small_steps=4)  # ~log(vocab)
+    eager, waiting, along = (bild(big, small, **settings, **policy) for policy in
+                             (dict(), dict(wait_share=1.0), dict(wait_share=0.5, verify_drafting=True)))
+    outputs = [decode_all(g, sources, 10) for g in (eager, waiting, along)]
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert waiting.stats.big_passes < eager.stats.big_passes
+    assert waiting.stats.big_calls == eager.stats.big_calls and waiting.stats.early_checks == 0
+    assert along.stats.early_checks > 0
+    assert along.stats.big_tokens <= along.stats.big_calls <= (along.stats.big_tokens + along.stats.eos_checks
+                                                               + along.stats.early_checks)
+    for g in (eager, waiting, along):
+        assert g.stats.tokens == eager.stats.tokens and g.stats.big_tokens == eager.stats.big_tokens
 
 
 def test_hypothesis_scores_are_the_big_models(pairs):
@@ -161,6 +193,10 @@ def test_unsupported_options_are_refused_early(pairs):
         BildSequenceGenerator([model], tgt, small_model=small, fallback_threshold=1.5)
     with pytest.raises(BildOptionError, match=">= 0"):
         BildSequenceGenerator([model], tgt, small_model=small, rollback_threshold=-1)
+    with pytest.raises(BildOptionError, match="wait-share"):
+        BildSequenceGenerator([model], tgt, small_model=small, wait_share=1.5)
+    with pytest.raises(BildOptionError, match="max-wait"):
+        BildSequenceGenerator([model], tgt, small_model=small, max_wait=0)
     with pytest.raises(BildOptionError, match="ensemble"):
         BildSequenceGenerator([model, model], tgt, small_model=small)
 

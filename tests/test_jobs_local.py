@@ -8,12 +8,14 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
 from jobs.workdir import WorkDir
-from jobs_fixtures import BILD_JOBS, ROOT, bild_jobs, read_output, real_lines, translate_in_process
+from jobs_fixtures import BILD_JOBS, CORPUS, ROOT, bild_jobs, read_output, real_lines, translate_in_process
 
 pytest_plugins = ["jobs_fixtures"]
 
@@ -176,6 +178,9 @@ def test_changed_config_is_refused_unless_fresh(tiny_pair, tmp_path):
     # batch size and worker count are not part of the hash: resume as is
     same = CliRunner().invoke(main, [*args, "--max-tokens", "64"])
     assert same.exit_code == 0 and "1 done, 0 to run" in same.output
+    # nor is the BiLD batch policy (it decides when the big model runs, not what it writes)
+    same = CliRunner().invoke(main, [*args, "--wait-share", "1", "--verify-drafting"])
+    assert same.exit_code == 0 and "1 done, 0 to run" in same.output
 
     fresh = CliRunner().invoke(main, [*args, "--fallback-threshold", "0.3", "--fresh"])
     assert fresh.exit_code == 0, fresh.output
@@ -197,3 +202,45 @@ def test_summarization_is_scored_with_rouge(tiny_summ_pair, tmp_path):
     m = json.loads((tmp_path / "s.txt.work" / "manifest.json").read_text())
     assert [s["name"] for s in m["scores"]] == ["ROUGE-1", "ROUGE-2", "ROUGE-L"]
     assert m["task"] == "summarization" and len(read_output(tmp_path / "s.txt")) == 6
+
+
+def _drop_last_newline(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+def _swap_first_lines(path: Path) -> None:
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([lines[1], lines[0], *lines[2:]]))
+
+
+def _replace_a_line(path: Path) -> None:
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([b"something else", *lines[1:]]))
+
+
+@pytest.mark.parametrize("damage, file", [(_drop_last_newline, "out"), (_swap_first_lines, "out"),
+                                          (_replace_a_line, "out"), (lambda p: p.write_text(""), "json")])
+def test_a_damaged_shard_is_named_never_collected_and_recomputed(tiny_pair, tmp_path, damage, file):
+    src = tmp_path / "in.de"
+    src.write_bytes(b"".join(line + b"\n" for line in real_lines(CORPUS, 12)))
+    out = tmp_path / "o.en"
+    args = ["run", str(src), "--pair", str(tiny_pair), "-o", str(out), "--workers", "1", "--device", "cpu",
+            "--shards", "3"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    clean = out.read_bytes()
+    wd = WorkDir(tmp_path / "o.en.work")
+    target = wd.output(1) if file == "out" else wd.record_path(1)
+    damage(target)
+
+    collected = CliRunner().invoke(main, ["collect", str(wd.root)])
+    assert collected.exit_code == 1 and "Traceback" not in collected.output
+    assert f"shard 1: its {'output' if file == 'out' else 'record'} {target}" in collected.output
+    assert "not collected" in collected.output and out.read_bytes() == clean
+    status = CliRunner().invoke(main, ["status", str(wd.root)])
+    assert status.exit_code == 0 and "1 damaged" in status.output
+
+    rerun = CliRunner().invoke(main, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert "shard 1: its" in rerun.output and "recomputing it" in rerun.output
+    assert "2 done, 1 to run" in rerun.output
+    assert out.read_bytes() == clean

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from bild_fairseq.policies import fallback, first_rollback
+from bild_fairseq.policies import big_pass_due, fallback, first_rollback
 
 
 def logp(*probs):
@@ -67,3 +67,29 @@ def test_padding_and_forced_tokens_are_never_rolled_back():
     checkable = torch.tensor([[False, True]])
     assert first_rollback(lp, small, checkable, 1.0, exact=False).tolist() == [1]
     assert first_rollback(lp, small, torch.zeros(1, 2, dtype=torch.bool), 1.0, exact=True).tolist() == [2]
+
+
+def _due(waiting, waited, unfinished, share, max_wait):
+    b = lambda xs: torch.tensor(xs, dtype=torch.bool)  # noqa: E731
+    return bool(big_pass_due(b(waiting), torch.tensor(waited), b(unfinished), share, max_wait))
+
+
+def test_big_pass_waits_for_a_share_of_the_unfinished_sentences():
+    # 2 of 4 unfinished sentences wait (the fifth is finished and does not count)
+    waiting, waited, unfinished = [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]
+    assert _due(waiting, waited, unfinished, 0.5, 10)
+    assert not _due(waiting, waited, unfinished, 0.6, 10)
+    assert _due([1, 0, 0, 0, 0], [0, 0, 0, 0, 0], unfinished, 0.0, 10)  # share 0: the per-sentence policy
+
+
+def test_big_pass_never_runs_for_nobody_and_always_runs_when_all_wait():
+    assert not _due([0, 0], [0, 0], [1, 1], 0.0, 1)
+    assert _due([1, 1], [0, 0], [1, 1], 1.0, 1000)
+    assert _due([1, 0], [0, 0], [1, 0], 1.0, 1000)  # the only unfinished sentence waits
+
+
+def test_a_sentence_that_waited_max_wait_iterations_forces_the_pass():
+    unfinished = [1, 1, 1, 1]
+    assert not _due([1, 0, 0, 0], [2, 0, 0, 0], unfinished, 1.0, 3)
+    assert _due([1, 0, 0, 0], [3, 0, 0, 0], unfinished, 1.0, 3)
+    assert not _due([0, 1, 0, 0], [5, 0, 0, 0], unfinished, 1.0, 3)  # a stale count of a drafting one

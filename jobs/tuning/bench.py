@@ -33,11 +33,11 @@ from pathlib import Path
 
 import click
 
-from bild_fairseq.config import BildOptionError
+from bild_fairseq.config import SETTINGS, THRESHOLDS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
 from jobs.tuning.agreement import agreement
-from jobs.tuning.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Result, Variant, bild_rates,
+from jobs.tuning.measure import (Batching, MeasureError, PairModels, Result, Variant, bild_rates,
                                  detokenize, encode, measure, read_lines)
 from jobs.tuning.peers import PeerUnavailable, ct2_missing
 from jobs.workdir import sha256_file
@@ -61,7 +61,7 @@ class SmallModel:
         out = [Variant(f"small{s}", "small", ckpt), Variant(f"bild-exact{s}", "bild", ckpt, exact=True),
                Variant(f"bild-default{s}", "bild", ckpt)]
         if self.tuned:
-            out.append(Variant(f"bild-tuned{s}", "bild", ckpt, **{t: self.tuned[t] for t in THRESHOLDS}))
+            out.append(Variant(f"bild-tuned{s}", "bild", ckpt, **{t: self.tuned[t] for t in SETTINGS if t in self.tuned}))
         return out
 
 

@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 python -m jobs.tuning.costs data/pairs/deen data/corpora/lohelp.de-en.test.de.xz --limit 100
 
-1. The cost of one decoder pass of each model over k new tokens (batch 1, after a 20-token
-   prefix): BiLD bets that the big model verifying k tokens in one pass costs about one pass.
+1. The cost of one decoder pass of each model over k new tokens (for each of ``--rows``
+   sentences, after a 20-token prefix): BiLD bets that the big model verifying k tokens in one
+   pass costs about one pass, and batched BiLD that a pass over many rows costs about one pass.
    ``step`` is the specialised one-token pass the loop uses where it can.
 2. Each variant's decoding time at batch 1 split into model passes and the loop's own
    bookkeeping, by timing the generator's step methods (a diagnostic: the wrappers add a few
@@ -34,30 +35,30 @@ COLUMNS = ("small step", "small decoder forward", "small decoder step", "big ste
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
 
-def pass_costs(models: PairModels, source: torch.Tensor, repeats: int = 200) -> dict[str, dict[int, float]]:
-    """Milliseconds per decoder pass over k new tokens, per model."""
-    net = {"src_tokens": source[None], "src_lengths": torch.tensor([source.numel()])}
+def pass_costs(models: PairModels, source: torch.Tensor, rows: int = 1, repeats: int = 200) -> dict[str, dict]:
+    """Milliseconds per decoder pass over k new tokens for each of ``rows`` sentences, per model."""
+    net = {"src_tokens": source[None].expand(rows, -1), "src_lengths": torch.tensor([source.numel()] * rows)}
+    repeats = max(10, repeats // rows)
     out = {}
     for name, model in (("big", models.big), ("small", models.small[None])):
         decoder = incremental.IncrementalDecoder(model.decoder)
         encoded = model.encoder.forward_torchscript(net)
-        rows, out[name] = torch.tensor([0]), {}
+        index, out[name] = torch.arange(rows), {}
         with torch.no_grad():
             cache = decoder.start(encoded, 64)
-            decoder.forward(cache, rows, torch.full((1, 20), 5), torch.tensor([20]))
+            decoder.forward(cache, index, torch.full((rows, 20), 5), torch.full((rows,), 20))
             for k in KS:
-                tokens, counts = torch.full((1, k), 5), torch.tensor([k])
+                tokens, counts = torch.full((rows, k), 5), torch.full((rows,), k)
                 t0 = time.perf_counter()
                 for _ in range(repeats):
-                    decoder.forward(cache, rows, tokens, counts)
-                    cache.length[0] = 20
+                    decoder.forward(cache, index, tokens, counts)
+                    cache.length[:] = 20
                 out[name][k] = (time.perf_counter() - t0) / repeats * 1e3
-            if hasattr(decoder, "step"):
-                t0 = time.perf_counter()
-                for _ in range(repeats):
-                    decoder.step(cache, torch.full((1,), 5), 21)
-                    cache.length[0] = 20
-                out[name]["step"] = (time.perf_counter() - t0) / repeats * 1e3
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                decoder.step(cache, torch.full((rows,), 5), 21)
+                cache.length[:] = 20
+            out[name]["step"] = (time.perf_counter() - t0) / repeats * 1e3
     return out
 
 
@@ -129,17 +130,24 @@ def main() -> None:
     parser.add_argument("pair")
     parser.add_argument("source")
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--rows", type=lambda t: [int(x) for x in t.split(",")], default=[1],
+                        help="sentences per pass in the pass-cost table, e.g. 1,16,64")
+    parser.add_argument("--only-passes", action="store_true", help="print the pass-cost table only")
     args = parser.parse_args()
     variants = [Variant("big", "big"), Variant("small", "small"), Variant("bild-exact", "bild", exact=True),
                 Variant("bild-default", "bild")]
     models = PairModels(args.pair, variants)
     sources = encode(models.base, read_lines(args.source, args.limit))
 
-    costs = pass_costs(models, max(sources, key=lambda s: s.numel()))
-    print("| model | " + " | ".join(f"forward k={k}" for k in KS) + " | step |\n|---|" + "---|" * (len(KS) + 1))
-    for name, row in costs.items():
-        print(f"| {name} | " + " | ".join(f"{row[k]:.3f} ms" for k in KS)
-              + (f" | {row['step']:.3f} ms |" if "step" in row else " | — |"))
+    longest = max(sources, key=lambda s: s.numel())
+    print("| model | rows | " + " | ".join(f"forward k={k}" for k in KS) + " | step | step per row |\n|---|---|"
+          + "---|" * (len(KS) + 2))
+    for rows in args.rows:
+        for name, row in pass_costs(models, longest, rows).items():
+            print(f"| {name} | {rows} | " + " | ".join(f"{row[k]:.3f} ms" for k in KS)
+                  + f" | {row['step']:.3f} ms | {row['step'] / rows:.3f} ms |")
+    if args.only_passes:
+        return
 
     print("\n`small step` / `big step`: the loop's propose / verify methods (a one-model variant's greedy step "
           "is its verify method, shown as `big step`); `decoder forward` / `decoder step`: the models' own passes.")

@@ -17,11 +17,11 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from bild_fairseq.api import PairTranslator, length_batches
+from bild_fairseq.config import BATCH_POLICY, DEFAULTS, SETTINGS
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.stats import BildStats
 
 MODES = ("stock", "big", "small", "bild", "ct2")
-THRESHOLDS = ("fallback_threshold", "rollback_threshold", "max_small_steps")
 
 
 class MeasureError(ValueError):
@@ -42,6 +42,9 @@ class Variant:
     fallback_threshold: float | None = None
     rollback_threshold: float | None = None
     max_small_steps: int | None = None
+    wait_share: float | None = None
+    max_wait: int | None = None
+    verify_drafting: bool | None = None
     compute_type: str | None = None
 
     def __post_init__(self) -> None:
@@ -49,8 +52,8 @@ class Variant:
             raise MeasureError(f"variant {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
         if (self.mode == "ct2") != (self.compute_type is not None):
             raise MeasureError(f"variant {self.name!r}: compute_type is for (and required by) mode 'ct2'")
-        if self.mode != "bild" and (self.exact or any(getattr(self, t) is not None for t in THRESHOLDS)):
-            raise MeasureError(f"variant {self.name!r}: thresholds and exact apply to mode 'bild' only")
+        if self.mode != "bild" and (self.exact or any(getattr(self, t) is not None for t in SETTINGS)):
+            raise MeasureError(f"variant {self.name!r}: thresholds, batch policy and exact apply to mode 'bild' only")
         if self.mode in ("stock", "big", "ct2") and self.small_checkpoint is not None:
             raise MeasureError(f"variant {self.name!r}: mode {self.mode!r} uses no small model")
 
@@ -71,10 +74,9 @@ class Variant:
         small = ["--small-checkpoint", self.small_checkpoint] if self.small_checkpoint else []
         if self.mode == "small":
             return ["--small-only", *small]
-        if self.exact:
-            return [*small, "--bild-exact"]
-        values = self.thresholds(pair_bild)
-        return [*small, *(x for t in THRESHOLDS for x in (f"--{t.replace('_', '-')}", _fmt(values[t])))]
+        values = self.settings(pair_bild)
+        names = BATCH_POLICY if self.exact else SETTINGS
+        return [*small, *(["--bild-exact"] if self.exact else []), *_flags(values, names, "--", "--no-")]
 
     def generate_flags(self, pair_bild: dict) -> list[str]:
         """The stock ``fairseq-generate --user-dir bild_fairseq`` options of this variant."""
@@ -82,15 +84,28 @@ class Variant:
             return []
         if self.mode != "bild":
             return ["--beam", "1"]
-        if self.exact:
-            return ["--bild", "--bild-exact", "--beam", "1"]
-        values = self.thresholds(pair_bild)
-        return ["--bild", *(x for t in THRESHOLDS for x in (f"--bild-{t.replace('_', '-')}", _fmt(values[t]))),
+        values = self.settings(pair_bild)
+        names = BATCH_POLICY if self.exact else SETTINGS
+        return ["--bild", *(["--bild-exact"] if self.exact else []), *_flags(values, names, "--bild-", None),
                 "--beam", "1"]
 
-    def thresholds(self, pair_bild: dict) -> dict:
-        """The thresholds in effect: the variant's, else the pair's."""
-        return {t: getattr(self, t) if getattr(self, t) is not None else pair_bild.get(t) for t in THRESHOLDS}
+    def settings(self, pair_bild: dict) -> dict:
+        """The BiLD settings in effect: the variant's, else the pair's, else the defaults."""
+        return {t: getattr(self, t) if getattr(self, t) is not None else pair_bild.get(t, DEFAULTS[t])
+                for t in SETTINGS}
+
+
+def _flags(values: dict, names: tuple[str, ...], prefix: str, negative: str | None) -> list[str]:
+    """Command-line options for settings ``names``: a true flag is ``prefix`` + name, a false one
+    ``negative`` + name (None: omitted, fairseq's store_true flags)."""
+    out = []
+    for name in names:
+        option, value = name.replace("_", "-"), values[name]
+        if isinstance(value, bool):
+            out += [f"{prefix}{option}"] if value else ([f"{negative}{option}"] if negative else [])
+        else:
+            out += [f"{prefix}{option}", _fmt(value)]
+    return out
 
 
 def _fmt(value) -> str:
@@ -167,10 +182,8 @@ class PairModels:
         elif v.mode == "small":
             generator = BildSequenceGenerator([self.small[v.small_checkpoint]], tgt, beam_size=1, **gen)
         else:
-            thresholds = v.thresholds(self.spec.bild)
             generator = BildSequenceGenerator([self.big], tgt, small_model=self.small[v.small_checkpoint],
-                                              exact=v.exact, beam_size=1, **gen,
-                                              **{k: x for k, x in thresholds.items() if x is not None})
+                                              exact=v.exact, beam_size=1, **gen, **v.settings(self.spec.bild))
         settings = {**self.base.settings, "variant": asdict(v)}
         return replace(self.base, generator=generator, settings=settings)
 

@@ -19,21 +19,36 @@ from pathlib import Path
 
 import click
 
-from bild_fairseq.config import BildOptionError
+from bild_fairseq.config import DEFAULTS, SETTINGS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
-from jobs.tuning.measure import (THRESHOLDS, Batching, MeasureError, PairModels, Variant, bild_rates, detokenize,
+from jobs.tuning.measure import (Batching, MeasureError, PairModels, Variant, bild_rates, detokenize,
                                  encode, measure, read_lines)
 from jobs.tuning.pareto import Point, frontier, plot, recommend
 from jobs.tuning.targets import QUALITY
 
-def grid(fallbacks: list[float], rollbacks: list[float], steps: list[int], small: str | None) -> list[Variant]:
-    """The baselines, exact mode, and BiLD at every threshold combination."""
-    points = [Variant("big", "big"), Variant("small", "small", small), Variant("exact", "bild", small, exact=True)]
+def grid(fallbacks: list[float], rollbacks: list[float], steps: list[int], small: str | None,
+         shares: list[float] = (0.0,), max_waits: list[int] = (DEFAULTS["max_wait"],),
+         verify: list[bool] = (False,)) -> list[Variant]:
+    """The baselines, exact mode (at each batch policy), and BiLD at every combination."""
+    points = [Variant("big", "big"), Variant("small", "small", small)]
+    policies = list(itertools.product(shares, max_waits, verify))
+    for w, m, d in policies:
+        points.append(Variant("exact" + _policy_name(w, m, d), "bild", small, exact=True, wait_share=w, max_wait=m,
+                              verify_drafting=d))
     for f, r, s in itertools.product(fallbacks, rollbacks, steps):
-        points.append(Variant(f"fb{f:g}-rb{r:g}-s{s}", "bild", small, fallback_threshold=f, rollback_threshold=r,
-                              max_small_steps=s))
+        for w, m, d in policies:
+            points.append(Variant(f"fb{f:g}-rb{r:g}-s{s}" + _policy_name(w, m, d), "bild", small,
+                                  fallback_threshold=f, rollback_threshold=r, max_small_steps=s,
+                                  wait_share=w, max_wait=m, verify_drafting=d))
     return points
+
+
+def _policy_name(share: float, max_wait: int, verify: bool) -> str:
+    """"" for the per-sentence policy (the paper's), else e.g. -w0.5-mw8-vd."""
+    if share == 0 and not verify:
+        return ""
+    return f"-w{share:g}" + (f"-mw{max_wait}" if max_wait != DEFAULTS["max_wait"] else "") + ("-vd" if verify else "")
 
 
 def _kind(v: Variant) -> str:
@@ -58,8 +73,8 @@ def sweep(pair: Path, source: Path, ref: Path, variants: list[Variant], batching
         scores = {s.name: s.value for s in score_task(models.spec.task, detokenize(models.base, r.tokens), refs)}
         if metric not in scores:
             raise MeasureError(f"--metric {metric}: the {models.spec.task} metrics are {sorted(scores)}")
-        thresholds = v.thresholds(models.spec.bild) if _kind(v) == "bild" else dict.fromkeys(THRESHOLDS)
-        rows.append({"name": v.name, "kind": _kind(v), **thresholds,
+        settings = v.settings(models.spec.bild) if _kind(v) == "bild" else dict.fromkeys(SETTINGS)
+        rows.append({"name": v.name, "kind": _kind(v), **settings,
                      "seconds": r.median_seconds, "speedup": big_seconds / r.median_seconds,
                      "quality": scores[metric], **scores,
                      **bild_rates(r.stats if v.mode == "bild" else {}),
@@ -90,7 +105,7 @@ def decide(result: dict, max_drop: float) -> dict:
             "run_command": f"bild-jobs run INPUT --pair {result['pair']} -o OUTPUT {chosen['run_flags']}",
             "generate_command": shlex.join(["fairseq-generate", "DATA", *models, *chosen["generate_flags"].split()]),
             # paste into a benchmark suite's "tuned" (bild-jobs bench)
-            "tuned": {t: chosen[t] for t in THRESHOLDS} if chosen["kind"] == "bild" else None}
+            "tuned": {t: chosen[t] for t in SETTINGS} if chosen["kind"] == "bild" else None}
 
 
 def write(result: dict, out: Path) -> None:
@@ -117,6 +132,10 @@ def _floats(text: str) -> list[float]:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _bad(message: str):
+    raise click.BadParameter(message)
+
+
 @click.command(name="sweep", help=__doc__)
 @click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--input", "source", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -127,6 +146,12 @@ def _floats(text: str) -> list[float]:
 @click.option("--fallback", default="0.3,0.5,0.7,0.9", show_default=True, help="fallback thresholds (comma-separated)")
 @click.option("--rollback", default="1,2,3,5", show_default=True, help="rollback thresholds (comma-separated)")
 @click.option("--max-small-steps", "steps", default="10", show_default=True, help="max small steps (comma-separated)")
+@click.option("--wait-share", "shares", default="0", show_default=True,
+              help="batch policy: shares of the batch that must wait before the big model runs (comma-separated)")
+@click.option("--max-wait", "max_waits", default=str(DEFAULTS["max_wait"]), show_default=True,
+              help="batch policy: most iterations a sentence waits (comma-separated)")
+@click.option("--verify-drafting", "verify", default="no", show_default=True,
+              help="batch policy: check drafting sentences along each big pass: no, yes or no,yes")
 @click.option("--max-quality-drop", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="quality budget: the recommendation loses at most this much of the big model's score")
 @click.option("--metric", help="BLEU, chrF, ROUGE-1, ROUGE-2 or ROUGE-L [BLEU for translation, ROUGE-L for summarization]")
@@ -136,11 +161,14 @@ def _floats(text: str) -> list[float]:
 @click.option("--limit", type=click.IntRange(min=1), help="use the first N dev lines [all]")
 @click.option("--device", default="cpu", show_default=True)
 def sweep_command(pair_dir: Path, source: Path, ref: Path, out: Path, fallback: str, rollback: str, steps: str,
-                  max_quality_drop: float, metric: str | None, small_checkpoint: str | None, batch_text: str,
+                  shares: str, max_waits: str, verify: str, max_quality_drop: float, metric: str | None, small_checkpoint: str | None, batch_text: str,
                   repeats: int, limit: int | None, device: str) -> None:
     try:
         step_values = [int(s) for s in _floats(steps)]
-        variants = grid(_floats(fallback), _floats(rollback), step_values, small_checkpoint)
+        verify_values = [{"no": False, "yes": True}[v.strip()] if v.strip() in ("no", "yes") else
+                         _bad(f"--verify-drafting: expected no, yes or no,yes, got {verify!r}") for v in verify.split(",")]
+        variants = grid(_floats(fallback), _floats(rollback), step_values, small_checkpoint, _floats(shares),
+                        [int(m) for m in _floats(max_waits)], verify_values)
         result = sweep(pair_dir, source, ref, variants, Batching.parse(batch_text), repeats, limit, metric, device,
                        lambda m: click.echo(m, err=True))
     except (MeasureError, PairDirError, BildOptionError) as e:

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 import bild_fairseq  # noqa: F401  (installs the checkpoint allow-list and options)
+from bild_fairseq.checkpoints import load_model
 from bild_fairseq.config import DEFAULTS, BildOptionError, check_settings
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.stats import BildStats
@@ -52,7 +53,6 @@ class PairTranslator:
                       beam: int = 1, device: str = "cpu", fp16: bool = False,
                       max_len_a: float | None = None, max_len_b: int | None = None) -> "PairTranslator":
         """Load a pair directory. ``mode`` "big"/"small" decode with one model (baselines)."""
-        from fairseq import checkpoint_utils
         from fairseq.sequence_generator import SequenceGenerator
         from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
@@ -70,7 +70,7 @@ class PairTranslator:
                                                             target_lang=spec.target_lang))
         models = []
         for path in files:
-            (model,), _ = checkpoint_utils.load_model_ensemble([str(path)], task=task)
+            model = load_model(path, task)
             model = model.half() if fp16 else model
             models.append(model.to(device).eval())
         given = {"fallback_threshold": fallback_threshold, "rollback_threshold": rollback_threshold,

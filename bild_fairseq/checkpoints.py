@@ -1,10 +1,54 @@
 """Inference-only fairseq checkpoints: what a pair directory ships."""
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and what to do. Loading it
+    again fails the same way (the batch runner does not retry it)."""
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(\d+)")
+
+
+def load_model(path: str | Path, task) -> torch.nn.Module:
+    """fairseq's ``load_model_ensemble`` for one checkpoint, its failures as one clear line:
+    a model trained with another dictionary, or a truncated or damaged file."""
+    from fairseq import checkpoint_utils
+
+    from bild_fairseq.safe_load import UnsafeCheckpointError
+
+    try:
+        (model,), _ = checkpoint_utils.load_model_ensemble([str(path)], task=task)
+    except UnsafeCheckpointError:
+        raise  # already says what the file holds and what to do
+    except RuntimeError as e:
+        mismatch = _SIZE_MISMATCH.search(str(e))
+        if mismatch is None:
+            raise _unreadable(path, e) from None
+        name, rows = mismatch.groups()
+        side = "source" if name.startswith("encoder.") else "target"
+        dictionary = getattr(task, f"{side}_dictionary")
+        raise CheckpointError(
+            f"{path} was trained with another {side} dictionary: its {name} has {rows} entries, this pair's "
+            f"{side} dictionary {len(dictionary)}. Use a model trained on the pair's own dictionaries "
+            "(fairseq-preprocess --srcdict/--tgtdict with the pair's dict.*.txt)") from None
+    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise _unreadable(path, e) from None
+    return model
+
+
+def _unreadable(path: str | Path, error: Exception) -> CheckpointError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"{path} is not a readable checkpoint ({first}): the file is truncated or damaged; "
+                           "copy or export it again")
 
 
 def inference_state(cfg: dict, model_state: dict, fp16: bool = True) -> dict:

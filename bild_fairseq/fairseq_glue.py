@@ -104,15 +104,18 @@ def load_small_model(path: str | None, task, like: torch.nn.Module) -> torch.nn.
     """Load the small checkpoint for ``task`` with the big model's dtype and device."""
     import os
 
-    from fairseq import checkpoint_utils
+    from bild_fairseq.checkpoints import CheckpointError, load_model
 
     if not path:
         raise BildOptionError("--bild needs --bild-small-path SMALL.pt (the small model's checkpoint)")
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise BildOptionError(f"--bild-small-path {path}: no such readable file")
-    models, _ = checkpoint_utils.load_model_ensemble([path], task=task)
+    try:
+        model = load_model(path, task)
+    except CheckpointError as e:
+        raise BildOptionError(f"--bild-small-path: {e}") from None
     param = next(like.parameters())
-    return models[0].to(device=param.device, dtype=param.dtype).eval()
+    return model.to(device=param.device, dtype=param.dtype).eval()
 
 
 def _hook_build_generator() -> None:

@@ -12,7 +12,8 @@
      "big": "big.pt", "small": "small.pt",
      "bild": {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10,
               "wait_share": 0.5, "max_wait": 1000, "verify_drafting": false},  # absent: the --bild-* defaults
-     "generation": {"max_len_a": 0, "max_len_b": 200}}
+     "generation": {"max_len_a": 0, "max_len_b": 200},
+     "run": {"mode": "big", "why": "..."}}              # bild-jobs run's measured default mode
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class PairSpec:
     small: str = "small.pt"
     bild: dict = field(default_factory=dict)
     generation: dict = field(default_factory=dict)
+    # `bild-jobs run`'s default mode when no mode flag is given, chosen by measurement:
+    # {"mode": "bild" | "big", "why": "<the measured figures>"}; absent: BiLD
+    run: dict = field(default_factory=dict)
     format: int = PAIR_FORMAT
 
     @classmethod

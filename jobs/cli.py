@@ -46,7 +46,13 @@ def _summary(result: dict, wd: WorkDir) -> str:
         lines.append(f"decoding: {stats['tokens']} tokens, big-model share {100 * stats['big_token_share']:.1f}%, "
                      f"{stats['fallbacks']} fallbacks, {stats['rollbacks']} rollbacks, "
                      f"{stats['big_passes_per_token']:.3f} big-model calls per token")
-    if totals["lines_per_second"]:
+    last = result.get("last_run")
+    if last is not None and last["shards"] == 0:
+        lines.append("time: nothing decoded in this run (every shard was done before)")
+    elif last is not None:
+        lines.append(f"time: this run decoded {last['lines']} lines ({last['shards']} shard(s)) in "
+                     f"{last['wall_seconds']:.1f} s wall, {last['lines_per_second']:.1f} lines/s")
+    elif totals["lines_per_second"]:
         lines.append(f"time: {totals['wall_seconds']:.1f} s wall, {totals['lines_per_second']:.1f} lines/s")
     lines += [f"{s['name']} = {s['value']:.2f}  ({s['signature']})" for s in result.get("scores", [])]
     lines.append(f"manifest: {wd.manifest}")
@@ -105,7 +111,8 @@ def main() -> None:
 @click.option("--workers", type=click.IntRange(min=1),
               help="local: worker processes [one per GPU; without GPUs, one per 4 cores]; "
               "slurm: shards running at once [no limit]")
-@click.option("--bild", "mode", flag_value="bild", default=True, help="decode with BiLD (default)")
+@click.option("--bild", "mode", flag_value="bild", help="decode with BiLD [the pair's measured default "
+              "(pair.json's \"run\"), else BiLD; any BiLD option implies --bild]")
 @click.option("--big-only", "mode", flag_value="big", help="baseline: the big model alone")
 @click.option("--small-only", "mode", flag_value="small", help="baseline: the small model alone")
 @click.option("--small-checkpoint", help="small model file in the pair directory [pair.json's], e.g. small-aligned.pt")
@@ -189,7 +196,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
                              parallel=len(slots) or workers, max_tokens=max_tokens, max_sentences=max_sentences,
                              device=device)
         if dry_run:
-            spec = check_request(request)
+            request, spec = check_request(request, _echo)
             with wd.lock():
                 cfg = plan_run(wd, request, spec, fresh, _echo)
                 _print_dry_run(make_executor(cfg)[0], wd, cfg)
@@ -200,7 +207,16 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
         raise click.UsageError(str(e)) from None
     except (PairDirError, ConfigChanged, RunFailed, WorkDirError, SlurmError, CollectError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(_os_error(e)) from None
     click.echo(_summary(result, wd))
+
+
+def _os_error(e: OSError) -> str:
+    """A full disk or a permission problem as one line naming the file."""
+    where = f"{e.filename}: " if e.filename else ""
+    return (f"{where}{e.strerror or e}: free space or fix permissions, then rerun the same command "
+            "(finished shards are kept)")
 
 
 def _print_dry_run(executor: SlurmExecutor, wd: WorkDir, cfg: RunConfig) -> None:
@@ -251,3 +267,5 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
             click.echo(_summary(collect(wd, cfg, output or Path(cfg.output), ref), wd))
     except (WorkDirError, CollectError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(_os_error(e)) from None

@@ -65,14 +65,17 @@ def score(cfg: RunConfig, output: Path, ref: Path) -> list[Score]:
     return score_task(cfg.task, hyps, refs)
 
 
-def collect(wd: WorkDir, cfg: RunConfig, output: Path, ref: Path | None = None) -> dict:
-    """Write the output, issues and manifest; returns the manifest."""
+def collect(wd: WorkDir, cfg: RunConfig, output: Path, ref: Path | None = None, last_run: dict | None = None) -> dict:
+    """Write the output, issues and manifest (with ``last_run``: what the run that just ended
+    did, as :func:`jobs.runner.run_job` measures it); returns the manifest."""
     if ref is not None:
         check_reference(cfg, ref)
     concatenate(wd, cfg, output)
     write_issues(wd, cfg)
     previous = manifest.read(wd) or {}
     extra = {"executor": previous.get("executor"), "output": str(output.absolute()), "issues_file": str(wd.issues)}
+    if last_run is not None:
+        extra["last_run"] = last_run
     if ref is not None:
         extra["scores"] = [s.to_dict() for s in score(cfg, output, ref)]
         extra["reference"] = str(ref.absolute())

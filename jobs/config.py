@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class Decoding:
     """The decoding options of :class:`bild_fairseq.api.PairTranslator` (None: the pair's recommendation)."""
 
-    mode: str = "bild"
+    mode: str | None = None  # None: BiLD if a BiLD option is given, else the pair's measured default
     small_checkpoint: str | None = None
     exact: bool = False
     fallback_threshold: float | None = None
@@ -43,11 +43,11 @@ class Decoding:
     fp16: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"decoding mode must be one of {MODES}, got {self.mode!r}")
         thresholds = [getattr(self, t) for t in THRESHOLDS]
         policy = [getattr(self, t) for t in BATCH_POLICY]
-        if self.mode != "bild" and (self.exact or any(t is not None for t in thresholds + policy)):
+        if self.mode not in (None, "bild") and (self.exact or any(t is not None for t in thresholds + policy)):
             raise ConfigError("--bild-exact, the BiLD thresholds and batch policy apply to BiLD decoding, not to "
                               "--big-only/--small-only baselines: drop them or drop the baseline flag")
         if self.exact and any(t is not None for t in thresholds):
@@ -59,11 +59,19 @@ class Decoding:
         if self.mode == "big" and self.small_checkpoint is not None:
             raise ConfigError("--small-checkpoint has no effect with --big-only: drop it")
 
+    def resolve(self, spec: PairSpec) -> "Decoding":
+        """The mode in effect: the one given; else BiLD when a BiLD option is given; else the
+        pair's measured default (pair.json's "run": {"mode": ...}), else BiLD."""
+        if self.mode is not None:
+            return self
+        bild_given = self.exact or any(getattr(self, k) is not None for k in SETTINGS)
+        return replace(self, mode="bild" if bild_given else spec.run.get("mode", "bild"))
+
     def check_pair(self, spec: PairSpec) -> None:
         """Refuse, before any work, what every worker would fail on: a missing model file, or
         thresholds (given, or pair.json's) outside their range."""
         spec.check(*self.model_files(spec))
-        if self.mode == "bild":
+        if self.resolve(spec).mode == "bild":
             given = {k: getattr(self, k) for k in SETTINGS if getattr(self, k) is not None}
             try:
                 check_settings({**spec.bild, **given})
@@ -81,7 +89,7 @@ class Decoding:
     def model_files(self, spec: PairSpec) -> list[str]:
         """The checkpoint files of the pair directory this decoding reads."""
         small = self.small_checkpoint or spec.small
-        return {"bild": [spec.big, small], "big": [spec.big], "small": [small]}[self.mode]
+        return {"bild": [spec.big, small], "big": [spec.big], "small": [small]}[self.resolve(spec).mode]
 
     def translator_kwargs(self) -> dict:
         return asdict(self)

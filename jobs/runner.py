@@ -6,9 +6,10 @@ jobs.workdir), so rerunning the same command redoes exactly the shards that are 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from jobs.collect import check_reference, collect
 from jobs.config import ConfigError, Decoding, RunConfig, pair_fingerprint
 from jobs.executors.base import Ended, Executor
 from jobs.shards import scan
-from jobs.workdir import WorkDir, sha256_file
+from jobs.workdir import WorkDir, exclusive, sha256_file
 
 LINES_PER_SHARD = 100_000  # default shard size: minutes of work each, cheap to redo
 
@@ -46,13 +47,31 @@ class RunRequest:
     device: str = "auto"
 
 
-def check_request(req: RunRequest) -> PairSpec:
-    """Everything that can be refused without touching the work directory or reading the input."""
+def check_writable(directory: Path, what: str) -> None:
+    """Fail now, not after hours of decoding, when ``directory`` cannot take a new file."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {directory} ({e.strerror}): choose a writable location") from None
+
+
+def check_request(req: RunRequest, echo: Callable[[str], None] | None = None) -> tuple[RunRequest, PairSpec]:
+    """Everything that can be refused without touching the work directory or reading the input;
+    returns the request with its decoding mode resolved (``echo`` says when the pair chose it)."""
     if req.output.resolve() == req.input.resolve():
         raise ConfigError(f"--output {req.output} is the input file: choose another output path")
+    if req.output.is_dir():
+        raise ConfigError(f"--output {req.output} is a directory: give the output file's path, e.g. {req.output}/out.txt")
+    check_writable(req.output.parent, f"--output {req.output}")
     spec = PairSpec.load(req.pair_dir)
-    req.decoding.check_pair(spec)
-    return spec
+    decoding = req.decoding.resolve(spec)
+    if echo is not None and req.decoding.mode is None and "why" in spec.run:
+        flag = {"bild": "--bild", "big": "--big-only", "small": "--small-only"}[decoding.mode]
+        echo(f"mode: {flag}, the pair's default ({spec.run['why']}); give --bild or --big-only to choose")
+    decoding.check_pair(spec)
+    return replace(req, decoding=decoding), spec
 
 
 def plan_run(wd: WorkDir, req: RunRequest, spec: PairSpec, fresh: bool, echo: Callable[[str], None]) -> RunConfig:
@@ -88,6 +107,7 @@ class Failure:
     shard: int
     reason: str
     log: Path | None
+    retryable: bool = True
 
 
 def _settle(wd: WorkDir, cfg: RunConfig, ended: Ended) -> Failure | None:
@@ -96,7 +116,8 @@ def _settle(wd: WorkDir, cfg: RunConfig, ended: Ended) -> Failure | None:
         return None
     record = wd.read_record(ended.shard)
     if record is not None and record.config_hash == cfg.hash and record.status == "failed":
-        return Failure(ended.shard, record.error or ended.reason, Path(record.log) if record.log else ended.log)
+        return Failure(ended.shard, record.error or ended.reason, Path(record.log) if record.log else ended.log,
+                       record.retryable)
     reason = f"{ended.reason} without a result"
     if ended.log is not None and ended.log.is_file():
         last = ended.log.read_text(errors="replace").strip().splitlines()[-1:]
@@ -164,7 +185,7 @@ def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo:
                 failure = _settle(wd, cfg, e)
                 if failure is None:
                     continue
-                if tries[e.shard] <= retries:
+                if tries[e.shard] <= retries and failure.retryable:
                     echo(f"shard {e.shard} failed ({failure.reason}); retry {tries[e.shard]} of {retries}")
                     retry.append(e.shard)
                 else:
@@ -186,11 +207,16 @@ def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo:
 
 def failure_report(failures: list[Failure], cfg: RunConfig, retries: int) -> str:
     ranges = cfg.ranges()
-    lines = [f"{len(failures)} shard(s) still failed after {retries} retr{'y' if retries == 1 else 'ies'}; "
-             "rerun the same command to retry them:"]
+    if all(not f.retryable for f in failures):
+        lines = [f"{len(failures)} shard(s) failed in a way that repeats on every attempt (not retried); "
+                 "fix the cause, then rerun the same command:"]
+    else:
+        lines = [f"{len(failures)} shard(s) still failed after {retries} retr{'y' if retries == 1 else 'ies'}; "
+                 "rerun the same command to retry them:"]
     for f in failures:
         r = ranges[f.shard]
-        lines.append(f"  shard {f.shard} (input lines {r.start + 1}-{r.stop}): {f.reason}")
+        lines.append(f"  shard {f.shard} (input lines {r.start + 1}-{r.stop}): {f.reason}"
+                     + ("" if f.retryable else " [not retried]"))
         if f.log is not None:
             lines.append(f"    log: {f.log}")
     return "\n".join(lines)
@@ -203,13 +229,25 @@ def run_job(wd: WorkDir, req: RunRequest, make_executor: Callable[[RunConfig], t
     run the shards not done yet on the executor ``make_executor(cfg)`` returns (with its manifest
     description), and collect the output; returns the manifest. Raises ``ConfigError``,
     ``PairDirError``, ``ConfigChanged``, ``RunFailed`` and the work directory's and collection's errors."""
-    spec = check_request(req)
-    with wd.lock():
+    req, spec = check_request(req, echo)
+    output_lock = req.output.with_name(f".{req.output.name}.lock")  # two work dirs, one output: refused
+    with wd.lock(), exclusive(output_lock, f"the output {req.output}"):
         cfg = plan_run(wd, req, spec, fresh, echo)
         if ref is not None:
             check_reference(cfg, ref)
         executor, info = make_executor(cfg)
+        started = time.time()
         failures = execute(wd, cfg, executor, retries, echo, progress, info)
         if failures:
             raise RunFailed(failure_report(failures, cfg, retries))
-        return collect(wd, cfg, req.output, ref)
+        return collect(wd, cfg, req.output, ref, last_run=_last_run(wd, cfg, started))
+
+
+def _last_run(wd: WorkDir, cfg: RunConfig, started: float) -> dict:
+    """The shards this run decoded and its own wall time (a resumed run's totals span all runs)."""
+    ranges = cfg.ranges()
+    done = [i for i in range(cfg.shards) if (r := wd.read_record(i)) is not None and (r.finished or 0) >= started]
+    wall = time.time() - started
+    lines = sum(len(ranges[i]) for i in done)
+    return {"shards": len(done), "lines": lines, "wall_seconds": wall,
+            "lines_per_second": lines / wall if done and wall > 0 else None}

@@ -37,6 +37,10 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None or e.filename == str(tmp):  # a failed write names no file: name ours
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -80,6 +84,7 @@ class ShardRecord:
     finished: float | None = None
     log: str | None = None
     error: str | None = None
+    retryable: bool = True  # False: the failure repeats on every attempt (bad checkpoint, options)
     issues: list = field(default_factory=list)  # [input line (0-based), kind, detail]
     stats: dict = field(default_factory=dict)
     decoding: dict = field(default_factory=dict)  # PairTranslator.config_dict(): what was actually used
@@ -220,14 +225,21 @@ class WorkDir:
     def lock(self) -> Iterator[None]:
         """One driver per work directory: a second ``run``/``collect`` would race on the same shards."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                raise WorkDirError(f"{self.root} is in use by another bild-jobs process ({f.read().strip()}); "
-                                   "wait for it, or stop it first") from None
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-            f.flush()
+        with exclusive(self.root / ".lock", str(self.root)):
             yield
+
+
+@contextmanager
+def exclusive(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold ``lock_file`` (flock, released when the process dies), or fail naming its holder."""
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise WorkDirError(f"{what} is in use by another bild-jobs process ({f.read().strip()}); "
+                               "wait for it, or stop it first") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        yield

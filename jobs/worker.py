@@ -14,10 +14,17 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from bild_fairseq.checkpoints import CheckpointError
+from bild_fairseq.config import BildOptionError
+from bild_fairseq.pairdir import PairDirError
+from bild_fairseq.safe_load import UnsafeCheckpointError
 from jobs.config import RunConfig
 from jobs.manifest import merge_stats
 from jobs.shards import decode_line, iter_lines
 from jobs.workdir import ShardRecord, WorkDir, atomic_writer, count_and_hash, write_atomic
+
+#: failures that repeat on every attempt: reported whole, never retried
+DETERMINISTIC = (CheckpointError, BildOptionError, PairDirError, UnsafeCheckpointError)
 
 PROGRESS_EVERY_S = 1.0
 # Isolating lines the decoder cannot process stops here: a broken model or a bug fails every
@@ -41,13 +48,15 @@ class ProgressFile:
 
 
 def read_shard(path: Path, lines: range) -> tuple[list[str], list[list]]:
-    """The shard's lines as text, and an ``invalid_utf8`` issue for each line that had bad bytes."""
+    """The shard's lines as text, and an issue for each line with invalid UTF-8 or NUL bytes."""
     texts, issues = [], []
     for i, raw in enumerate(iter_lines(path, lines.start, lines.stop)):
         text, invalid = decode_line(raw)
         texts.append(text)
         if invalid:
             issues.append([lines.start + i, "invalid_utf8", "invalid UTF-8 bytes replaced by U+FFFD"])
+        if "\0" in text:  # decoded as is (the BPE sees it as a character), but rarely meant
+            issues.append([lines.start + i, "nul_byte", f"{text.count(chr(0))} NUL byte(s) in the line"])
     if len(texts) != len(lines):
         raise RuntimeError(f"{path} has {lines.start + len(texts)} lines, the run was planned for more: "
                            "the input changed since the run started; rerun with --fresh")
@@ -128,6 +137,8 @@ def run_shard(wd: WorkDir, index: int, log: Path | None) -> ShardRecord:
         record.decoding = translator.config_dict()
         record.timings = {"load": t1 - t0, "decode": t2 - t1}
         record.status = "done"
+    except DETERMINISTIC as e:  # the same on every attempt: say it whole, do not retry
+        record.status, record.error, record.retryable = "failed", str(e), False
     except Exception as e:
         traceback.print_exc()  # the whole story goes to the log; the record keeps a headline
         record.status, record.error = "failed", _headline(e)

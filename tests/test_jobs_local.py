@@ -106,7 +106,7 @@ def test_kill9_worker_mid_shard_then_rerun_redoes_only_that_shard(tiny_pair, cor
 def test_bad_input_lines_are_counted_reported_and_never_dropped(tiny_pair, tmp_path):
     long_line = " ".join(["Hilfe"] * 5000).encode()
     lines = [b"Klicken Sie auf OK.", b"", b"   ", long_line, b"Ung\xfcltig: \xff\xfe Bytes", b"Windows-Zeile\r",
-             b"Die letzte Zeile ohne Zeilenende"]
+             b"Mit \x00 NUL", b"Die letzte Zeile ohne Zeilenende"]
     src = tmp_path / "bad.de"
     src.write_bytes(b"\n".join(lines))
     out = tmp_path / "bad.en"
@@ -121,12 +121,12 @@ def test_bad_input_lines_are_counted_reported_and_never_dropped(tiny_pair, tmp_p
     assert hyps == translate_in_process(tiny_pair, texts)
 
     m = json.loads((tmp_path / "bad.en.work" / "manifest.json").read_text())
-    assert m["totals"]["issues"] == {"empty": 2, "truncated": 1, "invalid_utf8": 1}
+    assert m["totals"]["issues"] == {"empty": 2, "truncated": 1, "invalid_utf8": 1, "nul_byte": 1}
     assert m["totals"]["shards"] == {"done": 2}
     issues = (tmp_path / "bad.en.work" / "issues.tsv").read_text().splitlines()
     assert issues[0] == "line\tkind\tdetail"
     assert [row.split("\t")[:2] for row in issues[1:]] == [["2", "empty"], ["3", "empty"], ["4", "truncated"],
-                                                          ["5", "invalid_utf8"]]
+                                                          ["5", "invalid_utf8"], ["7", "nul_byte"]]
     assert "2 empty" in done.stdout and "1 invalid_utf8" in done.stdout and "1 truncated" in done.stdout
 
 
@@ -244,3 +244,59 @@ def test_a_damaged_shard_is_named_never_collected_and_recomputed(tiny_pair, tmp_
     assert "shard 1: its" in rerun.output and "recomputing it" in rerun.output
     assert "2 done, 1 to run" in rerun.output
     assert out.read_bytes() == clean
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A mounter of small tmpfs file systems (root only), unmounted after the test."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)]).returncode != 0:
+            pytest.skip("this machine does not allow mounting a tmpfs")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)])
+
+
+def test_output_problems_are_one_clear_line(tiny_pair, corpus, tmp_path, tiny_tmpfs):
+    def run(output: Path, workdir: str = "w"):
+        return CliRunner().invoke(main, ["run", str(corpus[0]), "--pair", str(tiny_pair), "-o", str(output),
+                                         "--workdir", str(tmp_path / workdir), "--workers", "1", "--device", "cpu"])
+
+    as_directory = run(tmp_path)
+    assert as_directory.exit_code == 2 and f"--output {tmp_path} is a directory" in as_directory.output
+
+    read_only = tiny_tmpfs("ro", "ro,size=64k")
+    refused = run(read_only / "o.en", "w-ro")
+    assert refused.exit_code == 2 and "Read-only file system" in refused.output
+    assert f"cannot write in {read_only}" in refused.output
+    assert not (tmp_path / "w-ro").exists()  # refused before any work
+
+    full = tiny_tmpfs("full", "size=8k")  # the 300 output lines do not fit
+    failed = run(full / "o.en")
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    assert "No space left on device: free space or fix permissions" in failed.output
+    assert f"{full}/" in failed.output  # names the file it could not write
+    done = run(tmp_path / "o.en")  # the decoded shards were kept: only the output is written
+    assert done.exit_code == 0 and "1 done, 0 to run" in done.output, done.output
+    assert "nothing decoded in this run" in done.output
+
+
+def test_two_runs_may_not_write_one_output(tiny_pair, tmp_path):
+    from jobs.workdir import exclusive
+
+    src = tmp_path / "in.de"
+    src.write_text("Klicken Sie auf OK.\n")
+    out = tmp_path / "o.en"
+    with exclusive(out.with_name(f".{out.name}.lock"), "held by the test"):
+        second = CliRunner().invoke(main, ["run", str(src), "--pair", str(tiny_pair), "-o", str(out),
+                                           "--workdir", str(tmp_path / "other.work"), "--device", "cpu"])
+    assert second.exit_code == 1 and f"the output {out} is in use by another bild-jobs process" in second.output

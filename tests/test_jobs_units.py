@@ -97,7 +97,7 @@ def test_config_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(beam=4), "BiLD decodes greedily"),
+    (dict(mode="bild", beam=4), "BiLD decodes greedily"),
     (dict(exact=True, fallback_threshold=0.5), "takes no thresholds"),
     (dict(mode="big", rollback_threshold=2.0), "apply to BiLD decoding"),
     (dict(mode="big", small_checkpoint="small-aligned.pt"), "no effect with --big-only"),
@@ -236,6 +236,25 @@ def test_thresholds_are_checked_against_the_pair_before_any_work(tiny_pair):
         Decoding(fallback_threshold=1.5).check_pair(spec)
     with pytest.raises(ConfigError, match="max-small-steps must be >= 1"):
         Decoding(max_small_steps=0).check_pair(spec)
+    with pytest.raises(ConfigError, match="wait-share must be in \\[0, 1\\]"):
+        Decoding(wait_share=2.0).check_pair(spec)
+
+
+def test_the_mode_is_the_given_one_else_bild_for_bild_options_else_the_pairs_measured_default(tiny_pair):
+    from dataclasses import replace
+
+    from bild_fairseq.pairdir import PairSpec
+
+    spec = PairSpec.load(tiny_pair)
+    measured = replace(spec, run={"mode": "big", "why": "measured faster"})
+    assert Decoding().resolve(spec).mode == "bild"  # no "run" in pair.json: BiLD
+    assert Decoding().resolve(measured).mode == "big"
+    assert Decoding(mode="bild").resolve(measured).mode == "bild"
+    assert Decoding(wait_share=0.5).resolve(measured).mode == "bild"
+    assert Decoding(exact=True).resolve(measured).mode == "bild"
+    assert Decoding(beam=4).resolve(measured) == Decoding(mode="big", beam=4)
+    with pytest.raises(ConfigError, match="BiLD decodes greedily"):
+        Decoding(beam=4).resolve(spec)
 
 
 def test_local_slots_one_per_visible_gpu_or_cpu_workers_with_a_share_of_cores(monkeypatch):

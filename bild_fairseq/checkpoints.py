@@ -40,7 +40,7 @@ def load_model(path: str | Path, task) -> torch.nn.Module:
             f"{path} was trained with another {side} dictionary: its {name} has {rows} entries, this pair's "
             f"{side} dictionary {len(dictionary)}. Use a model trained on the pair's own dictionaries "
             "(fairseq-preprocess --srcdict/--tgtdict with the pair's dict.*.txt)") from None
-    except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except (EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:  # torch: EINVAL when truncated
         raise _unreadable(path, e) from None
     return model
 

@@ -21,3 +21,37 @@ def test_export_averages_checkpoints_keeping_ties(deen_slice, tmp_path):
     from fairseq import checkpoint_utils  # stock fairseq loads the averaged file
     (loaded,), _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "avg.pt")])
     torch.testing.assert_close(loaded.state_dict()["encoder.layers.0.fc1.weight"], model["encoder.layers.0.fc1.weight"])
+
+
+def _pair_with(tiny_pair, tmp_path, small_bytes: bytes):
+    import shutil
+
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny_pair, pair)
+    (pair / "small.pt").write_bytes(small_bytes)
+    return pair
+
+
+def test_a_small_model_from_another_dictionary_is_named_with_both_sizes(tiny_pair, tiny_summ_pair, tmp_path):
+    import pytest
+
+    from bild_fairseq.api import PairTranslator
+    from bild_fairseq.checkpoints import CheckpointError
+
+    pair = _pair_with(tiny_pair, tmp_path, (tiny_summ_pair / "small.pt").read_bytes())
+    with pytest.raises(CheckpointError) as caught:
+        PairTranslator.from_pair_dir(pair)
+    message = str(caught.value)
+    assert f"{pair / 'small.pt'} was trained with another source dictionary" in message
+    assert "fairseq-preprocess --srcdict/--tgtdict" in message and "size mismatch" not in message
+
+
+def test_a_truncated_checkpoint_is_named(tiny_pair, tmp_path):
+    import pytest
+
+    from bild_fairseq.api import PairTranslator
+    from bild_fairseq.checkpoints import CheckpointError
+
+    pair = _pair_with(tiny_pair, tmp_path, (tiny_pair / "small.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"{pair / 'small.pt'} is not a readable checkpoint .*truncated"):
+        PairTranslator.from_pair_dir(pair)

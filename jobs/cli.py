@@ -4,6 +4,7 @@
   bild-jobs run INPUT --pair DIR --output OUT [--executor local|slurm] ...
   bild-jobs status WORKDIR
   bild-jobs collect WORKDIR [--output OUT] [--ref REF]
+  bild-jobs binarize INPUT --pair DIR --out DATA_BIN [--ref REF]   (for fairseq-generate)
   bild-jobs bench | sweep | distill ...   (evaluation and tuning)
 
 Each command's --help lists its options.
@@ -269,3 +270,40 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(_os_error(e)) from None
+
+
+@main.command(short_help="Make a fairseq DATA_BIN from raw text with the pair's own tokenization and BPE.")
+@click.argument("input_path", metavar="INPUT", type=EXISTING_FILE)
+@click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", "destdir", required=True, type=PATH, help="the data directory to (re)create")
+@click.option("--ref", type=EXISTING_FILE, help="references, line-aligned with INPUT (fairseq-generate then scores)")
+@click.option("--split", default="test", show_default=True, help="fairseq split name (fairseq-generate --gen-subset)")
+def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, split: str) -> None:
+    """Encode INPUT (plain, .gz or .xz) as the pair's models were trained (Moses tokenization and BPE
+    from pair.json, no XML escaping) and binarize it with the pair's dictionaries into DATA_BIN,
+    for `fairseq-generate DATA_BIN --user-dir bild_fairseq --bild ...`. Every line is kept."""
+    import tempfile
+
+    from bild_fairseq.pairdir import PairDirError, PairSpec
+    from jobs.binarize import CommandFailed, binarize as make_data_bin
+    from jobs.shards import decode_line, iter_lines
+
+    try:
+        spec = PairSpec.load(pair_dir)
+        sources = [decode_line(raw)[0] for raw in iter_lines(input_path)]
+        targets = [decode_line(raw)[0] for raw in iter_lines(ref)] if ref is not None else None
+        if targets is not None and len(targets) != len(sources):
+            raise click.UsageError(f"--ref {ref} has {len(targets)} lines, INPUT has {len(sources)}: "
+                                   "a reference must be line-aligned with the input")
+        with tempfile.TemporaryDirectory(prefix="bild-binarize-") as scratch:
+            make_data_bin(spec, {split: (sources, targets)}, destdir, Path(scratch))
+    except (PairDirError, CommandFailed) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(_os_error(e)) from None
+    small = spec.directory / spec.small
+    click.echo(f"wrote {destdir}: {len(sources)} lines ({split} split); decode it with\n"
+               f"  fairseq-generate {destdir} --user-dir bild_fairseq --path {spec.directory / spec.big} "
+               f"--bild --bild-small-path {small} --gen-subset {split} --beam 1 --remove-bpe"
+               + ("" if spec.task != "translation" else f" --source-lang {spec.source_lang} --target-lang "
+                  f"{spec.target_lang}"))

@@ -64,7 +64,7 @@ def test_generate_refuses_small_model_with_other_dictionary(generate, summ_slice
     other = make_tiny_pair(summ_slice, tmp_path / "other", task="summarization")
     proc = generate("--bild", "--bild-small-path", str(other / "small.pt"))
     assert proc.returncode != 0
-    assert "same (joined) dictionary" in proc.stderr or "size mismatch" in proc.stderr
+    assert f"--bild-small-path: {other / 'small.pt'} was trained with another source dictionary" in proc.stderr
 
 
 def test_interactive_with_bild(deen_slice, tiny_pair):
@@ -126,3 +126,25 @@ def test_generate_decodes_every_sentence_at_any_batching(small_test_sets, tiny_p
                 *batching, *extra])
     assert proc.returncode == 0, proc.stderr
     assert sorted(hypotheses(proc.stdout)) == list(range(n))
+
+
+def test_bild_jobs_binarize_makes_data_bin_with_the_pairs_own_encoding(tiny_pair, tmp_path):
+    """Quotes and ampersands reach the model as the pair's training data had them (no `&quot;`)."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    raw = ['Klicken Sie auf "OK" & dann auf <Weiter>.', "", "Tom's & Jerry's \"Symbolleiste\"."]
+    src = tmp_path / "raw.de"
+    src.write_text("\n".join(raw) + "\n", encoding="utf-8")
+    made = CliRunner().invoke(main, ["binarize", str(src), "--pair", str(tiny_pair), "--out", str(tmp_path / "bin")])
+    assert made.exit_code == 0, made.output
+    assert "3 lines (test split)" in made.output and "fairseq-generate" in made.output
+    proc = run(["fairseq-generate", str(tmp_path / "bin"), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
+                "--bild", "--bild-small-path", str(tiny_pair / "small.pt"), "--gen-subset", "test", "--beam", "1",
+                "--max-len-b", "5", "--source-lang", "de", "--target-lang", "en", "--remove-bpe"])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(hypotheses(proc.stdout)) == [0, 1, 2]
+    sources = {line.split("\t")[0]: line.split("\t", 1)[1] for line in proc.stdout.splitlines() if line.startswith("S-")}
+    assert sources["S-0"].count('"') == 2 and " & " in sources["S-0"]
+    assert "&quot;" not in proc.stdout and "&amp;" not in proc.stdout and "&apos;" not in proc.stdout

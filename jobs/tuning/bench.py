@@ -56,10 +56,16 @@ class SmallModel:
     def suffix(self) -> str:
         return "" if self.checkpoint is None else "@" + Path(self.checkpoint).stem
 
-    def variants(self) -> list[Variant]:
+    def variants(self, per_sentence: bool = False) -> list[Variant]:
+        """``per_sentence``: also exact and default BiLD under the paper's per-sentence batch
+        policy (the big model runs as soon as one sentence needs it), beside pair.json's."""
         ckpt, s = self.checkpoint, self.suffix
         out = [Variant(f"small{s}", "small", ckpt), Variant(f"bild-exact{s}", "bild", ckpt, exact=True),
                Variant(f"bild-default{s}", "bild", ckpt)]
+        if per_sentence:
+            eager = {"wait_share": 0.0, "verify_drafting": False}
+            out += [Variant(f"bild-exact-eager{s}", "bild", ckpt, exact=True, **eager),
+                    Variant(f"bild-default-eager{s}", "bild", ckpt, **eager)]
         if self.tuned:
             out.append(Variant(f"bild-tuned{s}", "bild", ckpt, **{t: self.tuned[t] for t in SETTINGS if t in self.tuned}))
         return out
@@ -73,9 +79,11 @@ class Suite:
     reference: Path
     small: tuple[SmallModel, ...] = (SmallModel(),)
     limit: int | None = None  # first N test lines (a slow pair can be given fewer)
+    per_sentence: bool = False  # also the per-sentence batch policy's rows (SmallModel.variants)
 
     def variants(self, peers: bool = True) -> list[Variant]:
-        own = [Variant("stock", "stock"), Variant("big", "big"), *(v for s in self.small for v in s.variants())]
+        own = [Variant("stock", "stock"), Variant("big", "big"),
+               *(v for s in self.small for v in s.variants(self.per_sentence))]
         return own + ([Variant("ct2-fp32", "ct2", compute_type="float32"),
                        Variant("ct2-int8", "ct2", compute_type="int8")] if peers else [])
 
@@ -85,6 +93,7 @@ def load_suites(path: Path) -> list[Suite]:
 
         {"suites": [{"name": "deen", "pair": "../data/pairs/deen",
                      "source": "...test.de.xz", "reference": "...test.en.xz", "limit": 300,
+                     "per_sentence": false,   # true: also rows for the per-sentence batch policy
                      "small": [{"checkpoint": null, "tuned": {"fallback_threshold": 0.4,
                                 "rollback_threshold": 3, "max_small_steps": 10, "source": "..."}}]}]}
     """
@@ -98,7 +107,8 @@ def load_suites(path: Path) -> list[Suite]:
                 if missing:
                     raise MeasureError(f"suite {entry['name']!r}: tuned thresholds lack {missing}")
             suites.append(Suite(entry["name"], *(Path(os.path.normpath(path.parent / entry[k]))
-                                                 for k in ("pair", "source", "reference")), small, entry.get("limit")))
+                                                 for k in ("pair", "source", "reference")), small, entry.get("limit"),
+                                bool(entry.get("per_sentence", False))))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MeasureError(f"{path}: not a suites file ({type(e).__name__}: {e}); see `bild-jobs bench --help`") from None
     names = [s.name for s in suites]

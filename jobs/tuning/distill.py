@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import bild_fairseq
 from bild_fairseq.checkpoints import export_for_inference
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
+from jobs.binarize import CommandFailed, binarize, run_logged
 from jobs.collect import CollectError
 from jobs.config import ConfigError, Decoding
 from jobs.executors.local import LocalExecutor, plan_slots
@@ -76,30 +76,17 @@ def teacher_outputs(spec: PairSpec, source: Path, limit: int | None, workdir: Pa
     return source, output
 
 
-def _write(path: Path, lines: list[str]) -> None:
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-def binarize(spec: PairSpec, train: tuple[list[str], list[str]], valid: tuple[list[str], list[str]],
-             workdir: Path) -> Path:
+def distillation_data(spec: PairSpec, train: tuple[list[str], list[str]], valid: tuple[list[str], list[str]],
+                      workdir: Path) -> Path:
     """Step 2a: tokenize + BPE like the pair's training data, binarize with the pair's dictionaries.
     Pairs with an empty side (an empty input line) are left out."""
-    pipeline = spec.text_pipeline()
-    bpe_dir, bin_dir = workdir / "bpe", workdir / "bin"
-    bpe_dir.mkdir(parents=True, exist_ok=True)
+    splits = {}
     for split, (sources, targets) in (("train", train), ("valid", valid)):
         kept = [(s, t) for s, t in zip(sources, targets) if s.strip() and t.strip()]
         if not kept:
             raise DistillError(f"no {split} pairs left with text on both sides")
-        _write(bpe_dir / f"{split}.{spec.source_lang}", [pipeline.encode(s) for s, _ in kept])
-        _write(bpe_dir / f"{split}.{spec.target_lang}", [pipeline.encode(t, target=True) for _, t in kept])
-    shutil.rmtree(bin_dir, ignore_errors=True)
-    _run(["fairseq-preprocess", "--source-lang", spec.source_lang, "--target-lang", spec.target_lang,
-          "--trainpref", str(bpe_dir / "train"), "--validpref", str(bpe_dir / "valid"), "--destdir", str(bin_dir),
-          "--srcdict", str(spec.directory / f"dict.{spec.source_lang}.txt"),
-          "--tgtdict", str(spec.directory / f"dict.{spec.target_lang}.txt"), "--workers", "1"],
-         workdir / "preprocess.log", "fairseq-preprocess")
-    return bin_dir
+        splits[split] = ([s for s, _ in kept], [t for _, t in kept])
+    return binarize(spec, splits, workdir / "bin", workdir / "bpe")
 
 
 def model_flags(checkpoint: Path) -> list[str]:
@@ -135,20 +122,11 @@ def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options:
            "--target-lang", spec.target_lang, *model_flags(small), "--finetune-from-model", str(small.resolve()),
            "--user-dir", str(PLUGIN_DIR), "--save-dir", str(save_dir), *FINETUNE, *options]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
-    _run(cmd, workdir / "train.log", "fairseq-train", env)
+    run_logged(cmd, workdir / "train.log", "fairseq-train", env)
     best = save_dir / "checkpoint_best.pt"
     if not best.is_file():
         raise DistillError(f"fairseq-train ended without {best}; see {workdir / 'train.log'}")
     return best
-
-
-def _run(cmd: list[str], log: Path, what: str, env: dict | None = None) -> None:
-    with open(log, "a", encoding="utf-8") as f:
-        print(" ".join(cmd), file=f, flush=True)
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-        raise DistillError(f"{what} failed (exit {code}); {log} ends:\n  " + "\n  ".join(tail))
 
 
 def evaluation_pair(spec: PairSpec, aligned: Path, workdir: Path, name: str) -> Path:
@@ -219,8 +197,8 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device, "teacher")
         _, dev_teacher = teacher_outputs(spec, dev_source, None, workdir, workers, device, "dev-teacher")
         echo("2/3 fine-tuning the small model on the big model's outputs")
-        bin_dir = binarize(spec, (read_lines(source), read_lines(teacher)),
-                           (read_lines(dev_source), read_lines(dev_teacher)), workdir)
+        bin_dir = distillation_data(spec, (read_lines(source), read_lines(teacher)),
+                                    (read_lines(dev_source), read_lines(dev_teacher)), workdir)
         options = ["--lr", str(lr), "--warmup-updates", str(warmup_updates), "--max-tokens", str(max_tokens),
                    "--max-update", str(max_update), "--stop-time-hours", str(hours),
                    "--save-interval-updates", str(max(1, min(500, max_update)))]
@@ -230,7 +208,7 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
                       (SmallModel(), SmallModel(name)))
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
     except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
-            WorkDirError, CollectError) as e:
+            WorkDirError, CollectError, CommandFailed) as e:
         raise click.ClickException(str(e)) from None
     report = "\n".join(["## Aligned small model", "", *comparison(result, spec.small, name), "", *render_suite(result)])
     (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

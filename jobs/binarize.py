@@ -1,0 +1,57 @@
+"""Raw text -> a fairseq data directory (DATA_BIN) encoded exactly as a pair's models were trained.
+
+`fairseq-generate --bild` reads binarized data. Making it with generic tools goes wrong quietly:
+the `sacremoses` command line and fairseq's `--tokenizer moses` XML-escape quotes and ampersands
+(`&quot;`), which the shipped models never saw. This uses the pair's own text pipeline (the one
+`bild-jobs run` and `PairTranslator` use) and the pair's dictionaries.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from bild_fairseq.pairdir import PairSpec
+
+
+class CommandFailed(RuntimeError):
+    """An external command (fairseq-preprocess, fairseq-train) failed; the message ends with its log."""
+
+
+def run_logged(cmd: list[str], log: Path, what: str, env: dict | None = None) -> None:
+    """Run ``cmd`` with its output appended to ``log``; on failure raise with the log's last lines."""
+    with open(log, "a", encoding="utf-8") as f:
+        print(" ".join(cmd), file=f, flush=True)
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        raise CommandFailed(f"{what} failed (exit {code}); {log} ends:\n  " + "\n  ".join(tail))
+
+
+def binarize(spec: PairSpec, splits: dict[str, tuple[list[str], list[str] | None]], destdir: Path,
+             scratch: Path) -> Path:
+    """Tokenize and BPE-encode each split's (sources, targets or None) with the pair's pipeline
+    into ``scratch``, then ``fairseq-preprocess`` them into ``destdir`` with the pair's
+    dictionaries (source only when no split has targets). Every line is kept, empty ones too."""
+    pipeline = spec.text_pipeline()
+    scratch.mkdir(parents=True, exist_ok=True)
+    only_source = all(targets is None for _, targets in splits.values())
+    prefixes = []
+    for split, (sources, targets) in splits.items():
+        _write(scratch / f"{split}.{spec.source_lang}", [pipeline.encode(s) for s in sources])
+        if targets is not None:
+            _write(scratch / f"{split}.{spec.target_lang}", [pipeline.encode(t, target=True) for t in targets])
+        prefixes += [f"--{split}pref", str(scratch / split)]
+    shutil.rmtree(destdir, ignore_errors=True)
+    dicts = {lang: spec.directory / f"dict.{lang}.txt" for lang in (spec.source_lang, spec.target_lang)}
+    run_logged(["fairseq-preprocess", "--source-lang", spec.source_lang, "--target-lang", spec.target_lang,
+                *prefixes, "--destdir", str(destdir), "--srcdict", str(dicts[spec.source_lang]),
+                *(["--only-source"] if only_source else ["--tgtdict", str(dicts[spec.target_lang])]),
+                "--workers", "1"], scratch / "preprocess.log", "fairseq-preprocess")
+    if only_source:  # fairseq-generate loads both dictionaries from DATA_BIN
+        shutil.copy(dicts[spec.target_lang], destdir / f"dict.{spec.target_lang}.txt")
+    return destdir
+
+
+def _write(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -6,7 +6,7 @@
    sentences, after a 20-token prefix): BiLD bets that the big model verifying k tokens in one
    pass costs about one pass, and batched BiLD that a pass over many rows costs about one pass.
    ``step`` is the specialised one-token pass the loop uses where it can.
-2. Each variant's decoding time at batch 1 split into model passes and the loop's own
+2. Each variant's decoding time (at ``--batch``, default 1) split into model passes and the loop's own
    bookkeeping, by timing the generator's step methods (a diagnostic: the wrappers add a few
    microseconds per call), and the host reads per loop iteration: every call that turns a
    tensor into a Python value (``item``, ``tolist``, ``bool``/``int``/``float``, ``nonzero``),
@@ -133,9 +133,12 @@ def main() -> None:
     parser.add_argument("--rows", type=lambda t: [int(x) for x in t.split(",")], default=[1],
                         help="sentences per pass in the pass-cost table, e.g. 1,16,64")
     parser.add_argument("--only-passes", action="store_true", help="print the pass-cost table only")
+    parser.add_argument("--batch", default="1", help="batching of the per-variant table: N sentences or tokens:N")
     args = parser.parse_args()
+    eager = {"wait_share": 0.0, "verify_drafting": False}
     variants = [Variant("big", "big"), Variant("small", "small"), Variant("bild-exact", "bild", exact=True),
-                Variant("bild-default", "bild")]
+                Variant("bild-default", "bild"), Variant("bild-exact-eager", "bild", exact=True, **eager),
+                Variant("bild-default-eager", "bild", **eager)]
     models = PairModels(args.pair, variants)
     sources = encode(models.base, read_lines(args.source, args.limit))
 
@@ -153,10 +156,10 @@ def main() -> None:
           "is its verify method, shown as `big step`); `decoder forward` / `decoder step`: the models' own passes.")
     print("Host reads per loop iteration: inside the step methods (the loop adds one more read of its own "
           "in both engines); all reads, per-sentence setup and teardown included.\n")
-    print("| variant | ms/token | tokens/big call | host reads/iteration: in steps, all | "
+    print("| variant | ms/token | tokens/big pass | host reads/iteration: in steps, all | "
           + " | ".join(f"{label}: ms/call (calls/token)" for label in COLUMNS) + " |")
     print("|---|---|---|---|" + "---|" * len(COLUMNS))
-    batches = [[sources[i] for i in batch] for batch in plan_batches(sources, Batching(1, 10**6))]
+    batches = [[sources[i] for i in batch] for batch in plan_batches(sources, Batching.parse(args.batch))]
     for v in variants:
         translator = models.translator(v)
         generate(translator, batches[0])  # warm
@@ -166,10 +169,10 @@ def main() -> None:
             for batch in batches:
                 elapsed, outputs = generate(translator, batch)
                 seconds, tokens = seconds + elapsed, tokens + sum(o.numel() for o in outputs)
-        big_calls = stats_of(translator).big_calls - before.big_calls
+        big_passes = stats_of(translator).big_passes - before.big_passes
         cells = [f"{1e3 * timer.seconds[m] / timer.calls[m]:.3f} ({timer.calls[m] / tokens:.2f})" if timer.calls[m]
                  else "—" for m in COLUMNS]
-        print(f"| {v.name} | {1e3 * seconds / tokens:.3f} | {tokens / big_calls:.2f} | "
+        print(f"| {v.name} | {1e3 * seconds / tokens:.3f} | {tokens / big_passes:.2f} | "
               f"{timer.reads_in_steps / timer.iterations:.2f}, {timer.reads / timer.iterations:.2f} | "
               + " | ".join(cells) + " |")
 

@@ -56,6 +56,8 @@ def _summary(result: dict, wd: WorkDir) -> str:
     elif totals["lines_per_second"]:
         lines.append(f"time: {totals['wall_seconds']:.1f} s wall, {totals['lines_per_second']:.1f} lines/s")
     lines += [f"{s['name']} = {s['value']:.2f}  ({s['signature']})" for s in result.get("scores", [])]
+    if last is not None and last.get("mode_note"):
+        lines.append(last["mode_note"])
     lines.append(f"manifest: {wd.manifest}")
     return "\n".join(lines)
 

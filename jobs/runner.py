@@ -57,6 +57,14 @@ def check_writable(directory: Path, what: str) -> None:
         raise ConfigError(f"{what}: cannot write in {directory} ({e.strerror}): choose a writable location") from None
 
 
+def mode_note(given: Decoding, resolved: Decoding, spec: PairSpec) -> str | None:
+    """The line that says the pair chose the mode, and why (None when the user chose it)."""
+    if given.mode is not None or "why" not in spec.run:
+        return None
+    flag = {"bild": "--bild", "big": "--big-only", "small": "--small-only"}[resolved.mode]
+    return f"mode: {flag}, the pair's measured default: {spec.run['why']}; give --bild or --big-only to choose"
+
+
 def check_request(req: RunRequest, echo: Callable[[str], None] | None = None) -> tuple[RunRequest, PairSpec]:
     """Everything that can be refused without touching the work directory or reading the input;
     returns the request with its decoding mode resolved (``echo`` says when the pair chose it)."""
@@ -67,9 +75,8 @@ def check_request(req: RunRequest, echo: Callable[[str], None] | None = None) ->
     check_writable(req.output.parent, f"--output {req.output}")
     spec = PairSpec.load(req.pair_dir)
     decoding = req.decoding.resolve(spec)
-    if echo is not None and req.decoding.mode is None and "why" in spec.run:
-        flag = {"bild": "--bild", "big": "--big-only", "small": "--small-only"}[decoding.mode]
-        echo(f"mode: {flag}, the pair's default ({spec.run['why']}); give --bild or --big-only to choose")
+    if echo is not None and (note := mode_note(req.decoding, decoding, spec)):
+        echo(note)
     decoding.check_pair(spec)
     return replace(req, decoding=decoding), spec
 
@@ -229,6 +236,7 @@ def run_job(wd: WorkDir, req: RunRequest, make_executor: Callable[[RunConfig], t
     run the shards not done yet on the executor ``make_executor(cfg)`` returns (with its manifest
     description), and collect the output; returns the manifest. Raises ``ConfigError``,
     ``PairDirError``, ``ConfigChanged``, ``RunFailed`` and the work directory's and collection's errors."""
+    given = req.decoding
     req, spec = check_request(req, echo)
     output_lock = req.output.with_name(f".{req.output.name}.lock")  # two work dirs, one output: refused
     with wd.lock(), exclusive(output_lock, f"the output {req.output}"):
@@ -240,7 +248,8 @@ def run_job(wd: WorkDir, req: RunRequest, make_executor: Callable[[RunConfig], t
         failures = execute(wd, cfg, executor, retries, echo, progress, info)
         if failures:
             raise RunFailed(failure_report(failures, cfg, retries))
-        return collect(wd, cfg, req.output, ref, last_run=_last_run(wd, cfg, started))
+        last_run = {**_last_run(wd, cfg, started), "mode_note": mode_note(given, req.decoding, spec)}
+        return collect(wd, cfg, req.output, ref, last_run=last_run)
 
 
 def _last_run(wd: WorkDir, cfg: RunConfig, started: float) -> dict:

@@ -288,12 +288,12 @@ def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, 
 
     from bild_fairseq.pairdir import PairDirError, PairSpec
     from jobs.binarize import CommandFailed, binarize as make_data_bin
-    from jobs.shards import decode_line, iter_lines
+    from jobs.shards import read_lines
 
     try:
         spec = PairSpec.load(pair_dir)
-        sources = [decode_line(raw)[0] for raw in iter_lines(input_path)]
-        targets = [decode_line(raw)[0] for raw in iter_lines(ref)] if ref is not None else None
+        sources = read_lines(input_path)
+        targets = read_lines(ref) if ref is not None else None
         if targets is not None and len(targets) != len(sources):
             raise click.UsageError(f"--ref {ref} has {len(targets)} lines, INPUT has {len(sources)}: "
                                    "a reference must be line-aligned with the input")

@@ -6,7 +6,7 @@ from pathlib import Path
 from bild_fairseq.scoring import Score, score_task
 from jobs import manifest
 from jobs.config import RunConfig
-from jobs.shards import decode_line, iter_lines, scan
+from jobs.shards import read_lines, scan
 from jobs.workdir import WorkDir, atomic_writer
 
 
@@ -60,9 +60,7 @@ def check_reference(cfg: RunConfig, ref: Path) -> None:
 
 def score(cfg: RunConfig, output: Path, ref: Path) -> list[Score]:
     """The task's metrics (BLEU+chrF or ROUGE) of ``output`` against the line-aligned ``ref``."""
-    hyps = [decode_line(raw)[0] for raw in iter_lines(output)]
-    refs = [decode_line(raw)[0] for raw in iter_lines(ref)]
-    return score_task(cfg.task, hyps, refs)
+    return score_task(cfg.task, read_lines(output), read_lines(ref))
 
 
 def collect(wd: WorkDir, cfg: RunConfig, output: Path, ref: Path | None = None, last_run: dict | None = None) -> dict:

@@ -47,6 +47,11 @@ def decode_line(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
+def read_lines(path: Path, limit: int | None = None) -> list[str]:
+    """The first ``limit`` lines (all if None) of a plain, gzip or xz text file, as text."""
+    return [decode_line(raw)[0] for raw in iter_lines(Path(path), 0, limit)]
+
+
 @dataclass(frozen=True)
 class CorpusScan:
     lines: int

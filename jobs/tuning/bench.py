@@ -36,9 +36,10 @@ import click
 from bild_fairseq.config import SETTINGS, THRESHOLDS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
+from jobs.shards import read_lines
 from jobs.tuning.agreement import agreement
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Result, Variant, bild_rates,
-                                 detokenize, encode, measure, read_lines)
+                                 detokenize, encode, measure)
 from jobs.tuning.peers import PeerUnavailable, ct2_missing
 from jobs.workdir import sha256_file
 

@@ -22,7 +22,8 @@ from collections import defaultdict
 import torch
 
 from bild_fairseq import generator, incremental
-from jobs.tuning.measure import Batching, PairModels, Variant, encode, generate, plan_batches, read_lines, stats_of
+from jobs.shards import read_lines
+from jobs.tuning.measure import Batching, PairModels, Variant, encode, generate, plan_batches, stats_of
 
 KS = (1, 2, 4, 8, 11)
 #: timed methods (old engine's names, then the new one's) -> column label

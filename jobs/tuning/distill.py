@@ -41,9 +41,10 @@ from jobs.collect import CollectError
 from jobs.config import ConfigError, Decoding
 from jobs.executors.local import LocalExecutor, plan_slots
 from jobs.runner import ConfigChanged, RunFailed, RunRequest, run_job
+from jobs.shards import read_lines
 from jobs.tuning.bench import SmallModel, Suite, run_suite
 from jobs.tuning.benchreport import render_suite
-from jobs.tuning.measure import Batching, MeasureError, read_lines
+from jobs.tuning.measure import Batching, MeasureError
 from jobs.workdir import WorkDir, WorkDirError
 from jobs.worker import resolve_device
 

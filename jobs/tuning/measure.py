@@ -188,13 +188,6 @@ class PairModels:
         return replace(self.base, generator=generator, settings=settings)
 
 
-def read_lines(path: Path, limit: int | None = None) -> list[str]:
-    """The first ``limit`` lines (all if None) of a plain, gzip or xz text file."""
-    from jobs.shards import decode_line, iter_lines
-
-    return [decode_line(raw)[0] for raw in iter_lines(Path(path), 0, limit)]
-
-
 def encode(translator: PairTranslator, lines: Sequence[str]) -> list[torch.Tensor]:
     """Source token ids of every line, as ``translate`` makes them (models' length limit included)."""
     pipeline = translator.spec.text_pipeline()

@@ -22,8 +22,9 @@ import click
 from bild_fairseq.config import DEFAULTS, SETTINGS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
+from jobs.shards import read_lines
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Variant, bild_rates, detokenize,
-                                 encode, measure, read_lines)
+                                 encode, measure)
 from jobs.tuning.pareto import Point, frontier, plot, recommend
 from jobs.tuning.targets import QUALITY
 

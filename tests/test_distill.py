@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -67,3 +68,40 @@ def test_model_flags_rebuild_the_architecture(tiny_pair):
     assert flags[:2] == ["--arch", "transformer"]
     assert flags[flags.index("--decoder-embed-dim") + 1] == "16" and "--share-decoder-input-output-embed" in flags
     assert "--decoder-learned-pos" not in flags and "--decoder-learned-pos" in model_flags(tiny_pair / "big.pt")
+
+
+def test_a_student_of_the_big_models_own_layers(tiny_pair, tmp_path):
+    from bild_fairseq.pairdir import PairSpec
+    from jobs.tuning.distill import student
+    from jobs.tuning.shrink import ShrinkError, parse_layers
+
+    spec = PairSpec.load(tiny_pair)
+    assert student(spec, None, tmp_path) == tiny_pair / "small.pt"  # default: fine-tune the pair's small model
+    big = torch.load(tiny_pair / "big.pt")
+    shrunk = student(spec, "0,2/1", tmp_path)  # the tiny big model: 2 encoder, 3 decoder layers
+    state = torch.load(shrunk)
+    assert (state["cfg"]["model"].decoder_layers, state["cfg"]["model"].encoder_layers) == (2, 1)
+    assert flags_value(model_flags(shrunk), "--decoder-layers") == "2"
+    for new, old in (("decoder.layers.1.fc1.weight", "decoder.layers.2.fc1.weight"),
+                     ("encoder.layers.0.fc1.weight", "encoder.layers.1.fc1.weight"),
+                     ("decoder.embed_tokens.weight", "decoder.embed_tokens.weight")):
+        assert state["model"][new].dtype == torch.float32 and state["model"][new].equal(big["model"][old].float())
+    assert not any(k.startswith("decoder.layers.2.") or k.startswith("encoder.layers.1.") for k in state["model"])
+
+    # keeping every layer is the big model itself: same translations
+    everything = copy_pair(tiny_pair, tmp_path / "pair")
+    student(PairSpec.load(everything), "0-2", everything)
+    (everything / "student-init.pt").rename(everything / "big.pt")
+    sources = ["Klicken Sie auf OK.", "Wählen Sie Format - Zeichen."]
+    assert PairTranslator.from_pair_dir(everything, mode="big").translate(sources).hypotheses == \
+        PairTranslator.from_pair_dir(tiny_pair, mode="big").translate(sources).hypotheses
+
+    assert parse_layers("0-2,4") == [0, 1, 2, 4]
+    for bad, message in (("5", "its decoder has layers 0-2; asked to keep \\[5\\]"), ("0,0", "asked to keep"),
+                         ("x", "not a list of layer numbers")):
+        with pytest.raises(ShrinkError, match=message):
+            student(spec, bad, tmp_path)
+
+
+def flags_value(flags: list[str], name: str) -> str:
+    return flags[flags.index(name) + 1]

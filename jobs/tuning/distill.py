@@ -7,7 +7,8 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
   1. the big model decodes the training sources greedily, through `bild-jobs run --big-only`
      (sharded and resumable like any run: rerunning this command picks up where it stopped);
   2. `fairseq-train` fine-tunes the small model on (source, big output), starting from the
-     pair's small checkpoint, with the same architecture and dictionaries; its validation set
+     pair's small checkpoint, with the same architecture and dictionaries (or, with
+     --student-layers, from a student made of the big model's own layers); its validation set
      is the dev sources with the big model's outputs (what the small model should imitate; the
      references would make the least-aligned checkpoint "best");
   3. the aligned model is compared with the pair's small model on the dev set in the format of
@@ -17,6 +18,7 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
     bild-jobs distill --pair data/pairs/deen --train-source data/corpora/lohelp.de-en.train.de.xz \\
         --dev-source data/corpora/lohelp.de-en.valid.de.xz --dev-ref data/corpora/lohelp.de-en.valid.en.xz \\
         --workdir data/work/deen-distill [--limit 20000] [--max-update 2000] [--install]
+        [--student-layers 0/0-3]    # the big decoder's layer 0 and its encoder layers 0-3
 
 Writes WORKDIR/small-aligned.pt, WORKDIR/report.{json,md}; --install copies the model into the
 pair directory (use it with --small-checkpoint small-aligned.pt).
@@ -45,6 +47,7 @@ from jobs.shards import read_lines
 from jobs.tuning.bench import SmallModel, Suite, run_suite
 from jobs.tuning.benchreport import render_suite
 from jobs.tuning.measure import Batching, MeasureError
+from jobs.tuning.shrink import ShrinkError, parse_layers, shrink
 from jobs.workdir import WorkDir, WorkDirError
 from jobs.worker import resolve_device
 
@@ -130,6 +133,16 @@ def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options:
     return best
 
 
+def student(spec: PairSpec, layers: str | None, workdir: Path) -> Path:
+    """The model step 2 starts from: the pair's small model, or (``layers`` "DEC[/ENC]") the big
+    model shrunk to those layers."""
+    if layers is None:
+        return spec.model_path("small")
+    decoder, _, encoder = layers.partition("/")
+    return shrink(spec.model_path("big"), workdir / "student-init.pt", parse_layers(decoder),
+                  parse_layers(encoder) if encoder else None)
+
+
 def evaluation_pair(spec: PairSpec, aligned: Path, workdir: Path, name: str) -> Path:
     """A pair directory of links to the pair's files plus the aligned model, so that the aligned
     model is evaluated exactly like the shipped one (before anything is installed)."""
@@ -182,18 +195,21 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
 @click.option("--batch", "batch_texts", multiple=True, default=("1",), show_default=True,
               help="step 3: batching(s), as for bild-jobs bench")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, help="step 3: timed passes")
+@click.option("--student-layers", metavar="DEC[/ENC]",
+              help="step 2: start from the big model's own layers instead of the pair's small model: the big "
+                   "decoder's layers DEC (e.g. 0 or 0,4) and encoder layers ENC (e.g. 0-1) [whole encoder]")
 @click.option("--name", default="small-aligned.pt", show_default=True, help="file name of the aligned model")
 @click.option("--install", is_flag=True, help="copy the aligned model into the pair directory")
 def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
             workers: int | None, device: str, max_update: int, hours: float, lr: float, warmup_updates: int,
             max_tokens: int, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
-            name: str, install: bool) -> None:
+            student_layers: str | None, name: str, install: bool) -> None:
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         spec = PairSpec.load(pair_dir)
-        small = spec.model_path("small")
         batchings = [Batching.parse(b) for b in batch_texts]
         workdir.mkdir(parents=True, exist_ok=True)
+        small = student(spec, student_layers, workdir)  # before step 1: a wrong layer list fails at once
         echo(f"1/3 the big model decodes {train_source}" + (f" (first {limit} lines)" if limit else ""))
         source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device, "teacher")
         _, dev_teacher = teacher_outputs(spec, dev_source, None, workdir, workers, device, "dev-teacher")
@@ -209,7 +225,7 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
                       (SmallModel(), SmallModel(name)))
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
     except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
-            WorkDirError, CollectError, CommandFailed) as e:
+            WorkDirError, CollectError, CommandFailed, ShrinkError) as e:
         raise click.ClickException(str(e)) from None
     report = "\n".join(["## Aligned small model", "", *comparison(result, spec.small, name), "", *render_suite(result)])
     (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

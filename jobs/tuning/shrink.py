@@ -1,0 +1,67 @@
+"""A student made of the teacher's own layers ("shrink and fine-tune", Shleifer & Rush 2020).
+
+A 1-layer 128-dim decoder trained on its own caps how often the small model agrees with the big
+one. Starting the student from a subset of the big model's layers (its embeddings, its output
+projection, all or some encoder layers, one or two decoder layers) and then fine-tuning it on the
+big model's outputs starts from representations the big model already uses. The encoder runs once
+per sentence, so keeping all of it costs little; the decoder runs once per token, so the student
+keeps few of its layers.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+_LAYER = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.*)$")
+
+
+class ShrinkError(ValueError):
+    """Layers that the teacher does not have; the message names them."""
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"0,4"`` -> ``[0, 4]``; ``"0-3"`` -> ``[0, 1, 2, 3]``."""
+    layers: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ShrinkError(f"{text!r} is not a list of layer numbers (e.g. 0 or 0,5 or 0-3)")
+        layers += range(int(first), int(last or first) + 1)
+    return layers
+
+
+def shrink(teacher: Path, dst: Path, decoder_layers: Sequence[int], encoder_layers: Sequence[int] | None = None) -> Path:
+    """Write a fairseq checkpoint of ``teacher``'s architecture with only the given layers (kept in
+    order and renumbered; every weight outside the layers is kept: embeddings, output projection,
+    layer norms), in fp32 for training. ``encoder_layers`` None keeps the whole encoder."""
+    state = torch.load(teacher, map_location="cpu")  # weights-only, fairseq allow-list
+    cfg = copy.deepcopy(state["cfg"])
+    model_cfg = cfg["model"]
+    get = (lambda k: getattr(model_cfg, k)) if isinstance(model_cfg, argparse.Namespace) else model_cfg.__getitem__
+    keep = {"decoder": list(decoder_layers),
+            "encoder": list(range(get("encoder_layers"))) if encoder_layers is None else list(encoder_layers)}
+    for side, layers in keep.items():
+        have = get(f"{side}_layers")
+        if not layers or len(set(layers)) != len(layers) or not all(0 <= i < have for i in layers):
+            raise ShrinkError(f"{teacher}: its {side} has layers 0-{have - 1}; asked to keep {layers}")
+        if isinstance(model_cfg, argparse.Namespace):
+            setattr(model_cfg, f"{side}_layers", len(layers))
+        else:
+            model_cfg[f"{side}_layers"] = len(layers)
+    model = {}
+    for name, tensor in state["model"].items():
+        match = _LAYER.match(name)
+        if match is None:
+            model[name] = tensor.float() if tensor.is_floating_point() else tensor
+            continue
+        side, index, rest = match.group(1), int(match.group(2)), match.group(3)
+        if index in keep[side]:
+            model[f"{side}.layers.{keep[side].index(index)}.{rest}"] = tensor.float()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**state, "cfg": cfg, "model": model}, dst)
+    return dst

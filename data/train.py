@@ -5,8 +5,10 @@
     python data/train.py deen --export-only   # (re)write data/pairs/deen from the best checkpoints
     python data/train.py summ --only big --hours-big 8 -- --dropout 0.3   # extra fairseq-train options
 
-Training resumes from the last checkpoint when rerun (fairseq's checkpoint_last.pt). Sizes are
-chosen for 2 CPU cores: see data/README.md for the reasoning and the measured results.
+Training resumes from the last checkpoint when rerun (fairseq's checkpoint_last.pt). On another
+machine (data/work/ is not in git) it resumes from the committed resume point
+data/checkpoints/CORPUS-SIZE.pt, which ``--save-resume`` writes (see ``save_resume_point``).
+Sizes are chosen for 2 CPU cores: see data/README.md for the reasoning and the measured results.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bild_fairseq.checkpoints import export_for_inference  # noqa: E402
+from bild_fairseq.checkpoints import export_for_inference, inference_state  # noqa: E402
 from bild_fairseq.pairdir import PairSpec  # noqa: E402
 from data.corpora import CORPORA, Corpus  # noqa: E402
 
@@ -60,17 +64,46 @@ SIZES = {
 }
 
 
+#: committed resume points, one per corpus and size (data/work/ does not follow a run to a new machine)
+RESUME_DIR = ROOT / "data" / "checkpoints"
+
+
 def train(bin_dir: Path, save_dir: Path, size: str, hours: float, max_epoch: int, threads: int,
-          extra: list[str]) -> Path:
+          extra: list[str], resume: Path | None = None) -> Path:
+    """``fairseq-train`` with the recipe; in a save directory without checkpoint_last.pt it starts
+    from ``resume`` (a resume point) when that exists. ``hours`` counts the run's whole training
+    time, the resume point's included (fairseq's --stop-time-hours)."""
     save_dir.mkdir(parents=True, exist_ok=True)
+    restore = (["--restore-file", str(resume)]
+               if resume is not None and resume.is_file() and not (save_dir / "checkpoint_last.pt").exists() else [])
     # extra options come last: for fairseq the last occurrence of an option wins
     cmd = ["fairseq-train", str(bin_dir), *COMMON, *SIZES[size], "--save-dir", str(save_dir),
-           "--stop-time-hours", str(hours), "--max-epoch", str(max_epoch), *extra]
+           "--stop-time-hours", str(hours), "--max-epoch", str(max_epoch), *restore, *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(save_dir / "train.log", "a") as log:
         print(" ".join(cmd), file=log, flush=True)
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     return save_dir / "checkpoint_best.pt"
+
+
+def save_resume_point(checkpoint: Path, dst: Path) -> Path:
+    """A training checkpoint (checkpoint_last.pt) made small enough to commit: fp16 weights, the
+    run's progress (update count, epoch and place in it, learning-rate schedule, training time),
+    and an optimizer state without Adam's moments, which would triple the file. fairseq restores
+    it as a checkpoint whose optimizer was reset but whose schedule was not: the moments restart
+    from zero at the learning rate the run had reached (a short bump in the loss, no new warm-up)."""
+    state = torch.load(checkpoint, map_location="cpu")  # weights-only, fairseq allow-list
+    optimizer = state["last_optimizer_state"]
+    point = inference_state(state["cfg"], state["model"], fp16=True)
+    point.update(
+        optimizer_history=state["optimizer_history"], criterion=state.get("criterion", {}),
+        task_state=state.get("task_state", {}),
+        extra_state={k: v for k, v in state["extra_state"].items() if k != "metrics"},  # meters restart
+        last_optimizer_state={"state": {}, "param_groups": optimizer["param_groups"]},
+    )
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(point, dst)
+    return dst
 
 
 def shipped_checkpoints(ckpt_dir: Path, average: int) -> list[Path]:
@@ -121,6 +154,9 @@ def main() -> None:
     parser.add_argument("--average-big", type=int, default=1, metavar="N",
                         help="ship the mean of the big model's last N interval checkpoints instead of the best one")
     parser.add_argument("--pair-dir", type=Path, help="pair directory to write (default data/pairs/CORPUS)")
+    parser.add_argument("--save-resume", action="store_true",
+                        help="after training, write the resume point data/checkpoints/CORPUS-SIZE.pt of each "
+                             "model trained (commit it to continue the run on another machine)")
     parser.epilog = ("Options after -- go to fairseq-train verbatim and override the recipe's "
                      "(e.g. -- --dropout 0.3 when resuming a model that overfits).")
     argv = sys.argv[1:]
@@ -134,7 +170,11 @@ def main() -> None:
     for role, size in (("small", "small"), ("big", args.big_size)):
         if args.only in (None, role) and not args.export_only:
             hours = args.hours_big if role == "big" else args.hours_small
-            print(train(bin_dir, work / f"ckpt-{size}", size, hours, args.max_epoch, args.threads, fairseq_args))
+            resume = RESUME_DIR / f"{args.corpus}-{size}.pt"
+            save_dir = work / f"ckpt-{size}"
+            print(train(bin_dir, save_dir, size, hours, args.max_epoch, args.threads, fairseq_args, resume))
+            if args.save_resume:
+                print(save_resume_point(save_dir / "checkpoint_last.pt", resume))
     if args.only is None or args.export_only:
         print(export_pair(CORPORA[args.corpus], work, args.pair_dir or ROOT / "data" / "pairs" / args.corpus,
                           args.average_big, args.big_size))

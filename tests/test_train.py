@@ -1,0 +1,43 @@
+"""The training recipe's resume points: a run continues on another machine from a committed,
+small file, with its update count, epoch and learning-rate schedule, not from scratch."""
+from __future__ import annotations
+
+import torch
+
+from data.train import save_resume_point, train
+
+TINY = ["--encoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "16",
+        "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "32", "--max-tokens", "1024",
+        "--warmup-updates", "10"]
+
+
+def progress(checkpoint):
+    state = torch.load(checkpoint, map_location="cpu")
+    return state["optimizer_history"][-1]["num_updates"], state["extra_state"]["previous_training_time"]
+
+
+def test_a_run_resumes_from_its_committed_resume_point(deen_slice, tmp_path):
+    bin_dir = deen_slice / "bin"
+    first = train(bin_dir, tmp_path / "machine-a", "small", 1.0, 5, 1, [*TINY, "--max-update", "4"])
+    last = first.with_name("checkpoint_last.pt")
+    updates, seconds = progress(last)
+    assert updates == 4
+    point = save_resume_point(last, tmp_path / "checkpoints" / "deen-small.pt")
+    # fp16 weights and no Adam moments: a sixth of the training checkpoint
+    assert point.stat().st_size < last.stat().st_size / 4
+
+    # another machine: an empty save directory, only the committed point
+    save_dir = tmp_path / "machine-b"
+    train(bin_dir, save_dir, "small", 1.0, 5, 1, [*TINY, "--max-update", "6"], resume=point)
+    log = (save_dir / "train.log").read_text()
+    assert f"--restore-file {point}" in log and "@ 4 updates" in log
+    resumed = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")
+    assert progress(save_dir / "checkpoint_last.pt")[0] == 6  # two more updates, not a fresh start
+    assert resumed["extra_state"]["previous_training_time"] > seconds  # --stop-time-hours counts the whole run
+    # the schedule went on: inverse_sqrt's warm-up reached update 6 of 10, not 2
+    assert abs(resumed["last_optimizer_state"]["param_groups"][0]["lr"] - 6e-4) < 1e-5
+
+    # once the save directory has its own checkpoint_last.pt, that one wins
+    train(bin_dir, save_dir, "small", 1.0, 5, 1, [*TINY, "--max-update", "7"], resume=point)
+    assert progress(save_dir / "checkpoint_last.pt")[0] == 7
+    assert (save_dir / "train.log").read_text().count("--restore-file") == 1  # the first command's only

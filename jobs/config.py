@@ -96,12 +96,19 @@ class Decoding:
 
 
 def pair_fingerprint(spec: PairSpec, decoding: Decoding, digest: Callable[[Path], str]) -> dict:
-    """Content digests of every pair file this decoding uses (pair.json holds the defaults)."""
-    names = ["pair.json", f"dict.{spec.source_lang}.txt", f"dict.{spec.target_lang}.txt",
-             *decoding.model_files(spec)]
+    """Content digests of every pair file this decoding uses, and under "pair.json" a digest of
+    the pair.json settings its output depends on: not the run's default mode and its reasons, nor
+    the BiLD batch policy, and the BiLD thresholds only when decoding with BiLD (re-tuning BiLD
+    leaves a big-only run resumable). The model file names count through their digests."""
+    names = [f"dict.{spec.source_lang}.txt", f"dict.{spec.target_lang}.txt", *decoding.model_files(spec)]
     if spec.bpe is not None and spec.bpe_codes:
         names.append(spec.bpe_codes)
-    return {name: digest(spec.directory / name) for name in sorted(set(names))}
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("directory", "big", "small", "bild", "run")}
+    if decoding.resolve(spec).mode == "bild":
+        settings["bild"] = {k: v for k, v in spec.bild.items() if k not in BATCH_POLICY}
+    text = json.dumps(settings, sort_keys=True, default=str).encode()
+    return {**{name: digest(spec.directory / name) for name in sorted(set(names))},
+            "pair.json": hashlib.sha256(text).hexdigest()}
 
 
 @dataclass

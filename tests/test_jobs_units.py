@@ -290,3 +290,27 @@ def test_an_option_equal_to_the_pairs_own_is_not_a_change(tiny_pair):
     assert _config(decoding=given.canonical(spec)).hash == _config().hash
     other = Decoding(fallback_threshold=spec.bild["fallback_threshold"] / 2).canonical(spec)
     assert other.fallback_threshold == spec.bild["fallback_threshold"] / 2
+
+
+def test_the_pair_fingerprint_covers_the_pair_json_settings_the_output_depends_on(tiny_pair):
+    from dataclasses import replace
+
+    from bild_fairseq.pairdir import PairSpec
+    from jobs.config import pair_fingerprint
+
+    spec = PairSpec.load(tiny_pair)
+    digest = lambda path: path.name  # noqa: E731  (the files are the same; only pair.json's settings vary)
+    retuned = replace(spec, bild={**spec.bild, "fallback_threshold": 0.1},
+                      run={"mode": "big", "why": "measured"})
+    repoliced = replace(spec, bild={**spec.bild, "wait_share": 0.9, "verify_drafting": True})
+    longer = replace(spec, generation={**spec.generation, "max_len_b": 7})
+    big, bild = Decoding(mode="big"), Decoding(mode="bild")
+    # a big-only run does not read BiLD's settings nor the run's default mode
+    assert pair_fingerprint(retuned, big, digest) == pair_fingerprint(spec, big, digest)
+    assert pair_fingerprint(retuned, bild, digest) != pair_fingerprint(spec, bild, digest)
+    # the batch policy decides when the big model runs, not what it writes
+    assert pair_fingerprint(repoliced, bild, digest) == pair_fingerprint(spec, bild, digest)
+    for decoding in (big, bild):
+        assert pair_fingerprint(longer, decoding, digest) != pair_fingerprint(spec, decoding, digest)
+    assert set(pair_fingerprint(spec, big, digest)) == {"pair.json", "dict.de.txt", "dict.en.txt", "big.pt",
+                                                         "bpe.codes"}

@@ -64,6 +64,25 @@ SETTINGS = THRESHOLDS + BATCH_POLICY
 DEFAULTS = {name: BildConfig.__dataclass_fields__[f"bild_{name}"].default for name in SETTINGS}
 
 
+@dataclass(frozen=True, kw_only=True)
+class BildChoice:
+    """BiLD's settings as a caller chooses them, a field per SETTINGS name plus ``exact``; None
+    takes the pair's value (pair.json's "bild"). The runner's decoding options and the
+    benchmark's variants are both made of it."""
+
+    exact: bool = False
+    fallback_threshold: Optional[float] = None
+    rollback_threshold: Optional[float] = None
+    max_small_steps: Optional[int] = None
+    wait_share: Optional[float] = None
+    max_wait: Optional[int] = None
+    verify_drafting: Optional[bool] = None
+
+    def bild_given(self) -> bool:
+        """Whether any BiLD option is chosen (exact, a threshold or the batch policy)."""
+        return self.exact or any(getattr(self, name) is not None for name in SETTINGS)
+
+
 class BildOptionError(ValueError):
     """Invalid or unsupported combination of --bild options."""
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from bild_fairseq.config import BATCH_POLICY, SETTINGS, THRESHOLDS, BildOptionError, check_settings
+from bild_fairseq.config import BATCH_POLICY, SETTINGS, THRESHOLDS, BildChoice, BildOptionError, check_settings
 from bild_fairseq.pairdir import PairSpec
 from jobs.shards import plan
 from jobs.workdir import write_atomic
@@ -25,18 +25,11 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Decoding:
+class Decoding(BildChoice):
     """The decoding options of :class:`bild_fairseq.api.PairTranslator` (None: the pair's recommendation)."""
 
     mode: str | None = None  # None: BiLD if a BiLD option is given, else the pair's measured default
     small_checkpoint: str | None = None
-    exact: bool = False
-    fallback_threshold: float | None = None
-    rollback_threshold: float | None = None
-    max_small_steps: int | None = None
-    wait_share: float | None = None
-    max_wait: int | None = None
-    verify_drafting: bool | None = None
     beam: int = 1
     max_len_a: float | None = None
     max_len_b: int | None = None
@@ -45,12 +38,10 @@ class Decoding:
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"decoding mode must be one of {MODES}, got {self.mode!r}")
-        thresholds = [getattr(self, t) for t in THRESHOLDS]
-        policy = [getattr(self, t) for t in BATCH_POLICY]
-        if self.mode not in (None, "bild") and (self.exact or any(t is not None for t in thresholds + policy)):
+        if self.mode not in (None, "bild") and self.bild_given():
             raise ConfigError("--bild-exact, the BiLD thresholds and batch policy apply to BiLD decoding, not to "
                               "--big-only/--small-only baselines: drop them or drop the baseline flag")
-        if self.exact and any(t is not None for t in thresholds):
+        if self.exact and any(getattr(self, t) is not None for t in THRESHOLDS):
             raise ConfigError("--bild-exact reproduces the big model's output and takes no thresholds: "
                               "give either --bild-exact or --fallback-threshold/--rollback-threshold/--max-small-steps")
         if self.mode == "bild" and self.beam != 1:
@@ -64,8 +55,7 @@ class Decoding:
         pair's measured default (pair.json's "run": {"mode": ...}), else BiLD."""
         if self.mode is not None:
             return self
-        bild_given = self.exact or any(getattr(self, k) is not None for k in SETTINGS)
-        return replace(self, mode="bild" if bild_given else spec.run.get("mode", "bild"))
+        return replace(self, mode="bild" if self.bild_given() else spec.run.get("mode", "bild"))
 
     def check_pair(self, spec: PairSpec) -> None:
         """Refuse, before any work, what every worker would fail on: a missing model file, or

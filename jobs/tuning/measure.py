@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from bild_fairseq.api import PairTranslator, length_batches
-from bild_fairseq.config import BATCH_POLICY, DEFAULTS, SETTINGS
+from bild_fairseq.config import BATCH_POLICY, DEFAULTS, SETTINGS, BildChoice
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.stats import BildStats
 
@@ -29,7 +29,7 @@ class MeasureError(ValueError):
 
 
 @dataclass(frozen=True)
-class Variant:
+class Variant(BildChoice):
     """One way to decode with a pair: ``stock`` is fairseq's own SequenceGenerator(beam_size=1)
     with the big model, ``big``/``small`` the project's greedy loop with one model, ``bild`` BiLD,
     ``ct2`` CTranslate2's greedy search on the big model (a peer, ``compute_type`` float32/int8).
@@ -38,13 +38,6 @@ class Variant:
     name: str
     mode: str
     small_checkpoint: str | None = None
-    exact: bool = False
-    fallback_threshold: float | None = None
-    rollback_threshold: float | None = None
-    max_small_steps: int | None = None
-    wait_share: float | None = None
-    max_wait: int | None = None
-    verify_drafting: bool | None = None
     compute_type: str | None = None
 
     def __post_init__(self) -> None:
@@ -52,7 +45,7 @@ class Variant:
             raise MeasureError(f"variant {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
         if (self.mode == "ct2") != (self.compute_type is not None):
             raise MeasureError(f"variant {self.name!r}: compute_type is for (and required by) mode 'ct2'")
-        if self.mode != "bild" and (self.exact or any(getattr(self, t) is not None for t in SETTINGS)):
+        if self.mode != "bild" and self.bild_given():
             raise MeasureError(f"variant {self.name!r}: thresholds, batch policy and exact apply to mode 'bild' only")
         if self.mode in ("stock", "big", "ct2") and self.small_checkpoint is not None:
             raise MeasureError(f"variant {self.name!r}: mode {self.mode!r} uses no small model")

@@ -3,8 +3,8 @@
 fairseq builds ``fairseq-generate``'s options and ``cfg.generation`` from the GenerationConfig
 dataclass, and builds the generator in ``FairseqTask.build_generator``. A ``--user-dir`` plugin
 is imported before either happens, so three small hooks make ``--bild`` work with the ordinary
-``--task translation`` (or any task that uses FairseqTask.build_generator), and a fourth mends
-an upstream bug that loses sentences:
+``--task translation`` (or any task that uses FairseqTask.build_generator), a fourth mends
+an upstream bug that loses sentences, and a fifth keeps a user's mistake to one line:
 
 1. BildConfig's fields are added to GenerationConfig (their ``help=`` becomes ``--help``), and
    hydra's config store is refreshed so ``cfg.generation.bild*`` survive namespace conversion;
@@ -16,6 +16,11 @@ an upstream bug that loses sentences:
    unless its size is a multiple of ``--required-batch-size-multiple`` (fairseq issues #5036,
    #5351), so ``fairseq-generate`` silently translated 96 of 100 sentences at ``--batch-size 16``.
    With the plugin loaded every run (with or without ``--bild``) decodes every sentence.
+5. ``sys.excepthook``: fairseq's entry points do not catch errors, so a bad ``--bild-*`` option
+   or small checkpoint (:class:`BildOptionError`, :class:`CheckpointError`,
+   :class:`UnsafeCheckpointError`, whose messages say what to do) would end under a 30-line
+   traceback; uncaught, they print as ``PROG: error: MESSAGE`` (exit status 1, like argparse's
+   errors). Every other exception keeps its traceback.
 """
 from __future__ import annotations
 
@@ -23,20 +28,23 @@ import atexit
 import dataclasses
 import json
 import logging
+import os
 import pickle
+import sys
 import typing
 
 import torch
 
+from bild_fairseq.checkpoints import CheckpointError
 from bild_fairseq.config import BILD_FIELDS, SETTINGS, BildConfig, BildOptionError
-from bild_fairseq.safe_load import allow_fairseq_checkpoints, explain_refusal
+from bild_fairseq.safe_load import UnsafeCheckpointError, allow_fairseq_checkpoints, explain_refusal
 
 logger = logging.getLogger("bild_fairseq")
 _installed = False
 
 
 def install() -> None:
-    """Apply the four hooks (idempotent)."""
+    """Apply the five hooks (idempotent)."""
     global _installed
     if _installed:
         return
@@ -45,6 +53,7 @@ def install() -> None:
     _hook_build_generator()
     _hook_checkpoint_loading()
     _hook_batch_by_size()
+    _hook_excepthook()
     _installed = True
 
 
@@ -187,3 +196,18 @@ def _hook_batch_by_size() -> None:
         return list(batches) + list(stock(indices[left], num_tokens_fn, vec, max_tokens, max_sentences, 1))
 
     data_utils.batch_by_size = batch_by_size
+
+
+#: errors whose message is the whole story: what was wrong and what to do
+USER_ERRORS = (BildOptionError, CheckpointError, UnsafeCheckpointError)
+
+
+def _hook_excepthook() -> None:
+    previous = sys.excepthook
+
+    def excepthook(kind, error, traceback) -> None:
+        if not issubclass(kind, USER_ERRORS):
+            return previous(kind, error, traceback)
+        print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {error}", file=sys.stderr)
+
+    sys.excepthook = excepthook

@@ -55,15 +55,18 @@ def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, tin
 def test_generate_refuses_bad_options_before_decoding(generate, tiny_pair, extra, message):
     args = ["--bild", "--bild-small-path", str(tiny_pair / "small.pt"), *extra]
     proc = generate(*args)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert message in proc.stderr
     assert "H-" not in proc.stdout
+    # one line, no traceback above it (fairseq does not catch errors; the plugin's excepthook does)
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "error:" in line][0].startswith("fairseq-generate: error: ")
 
 
 def test_generate_refuses_small_model_with_other_dictionary(generate, summ_slice, tmp_path):
     other = make_tiny_pair(summ_slice, tmp_path / "other", task="summarization")
     proc = generate("--bild", "--bild-small-path", str(other / "small.pt"))
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"--bild-small-path: {other / 'small.pt'} was trained with another source dictionary" in proc.stderr
 
 

@@ -133,6 +133,16 @@ def test_agreement_of_the_big_model_with_its_own_output_is_total(active_pair):
     assert agreement(models.small[None], sources, outputs, tgt.pad(), tgt.eos()) < 0.5
 
 
+def test_agreement_command_reports_each_small_model(active_pair, tmp_path, capsys):
+    from jobs.tuning.agreement import main
+
+    source = write_lines(tmp_path / "src.de", "lohelp.de-en.test.de.xz", 12)
+    main([str(active_pair), str(source), "big.pt", "small.pt"])
+    shares = {line.split(":")[0]: float(line.split(": ")[1].split("%")[0]) for line in capsys.readouterr().out.splitlines()}
+    assert set(shares) == {"big.pt", "small.pt"}
+    assert shares["big.pt"] > 95 and shares["small.pt"] < 50  # the big model agrees with itself
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda: Variant("y", "big", fallback_threshold=0.5), "mode 'bild' only"),
     (lambda: Batching.parse("many"), "expected a batch size"),

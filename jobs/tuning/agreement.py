@@ -1,12 +1,20 @@
 """How often a small model agrees with the big one: what BiLD's speed rests on, and what
-sequence-level distillation (``bild-jobs distill``) tries to raise."""
+sequence-level distillation (``bild-jobs distill``) tries to raise.
+
+    python -m jobs.tuning.agreement data/pairs/deen data/corpora/lohelp.de-en.valid.de.xz [small.pt ...]
+"""
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from fairseq.data import data_utils
+
+from jobs.shards import read_lines
+from jobs.tuning.measure import Batching, PairModels, Variant, encode, measure
 
 
 @torch.no_grad()
@@ -31,3 +39,27 @@ def agreement(small_model: torch.nn.Module, sources: Sequence[torch.Tensor], big
         matches += int((logits.argmax(-1).eq(target) & real).sum())
         total += int(real.sum())
     return matches / total if total else 0.0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Agreement of a pair's small model(s) with its big model on a "
+                                                 "source file (the big model's greedy outputs, teacher-forced)")
+    parser.add_argument("pair", type=Path, help="pair directory")
+    parser.add_argument("source", type=Path, help="source lines (plain, .gz or .xz)")
+    parser.add_argument("small", nargs="*", help="small model files in the pair directory [pair.json's]")
+    parser.add_argument("--limit", type=int, help="first N lines [all]")
+    args = parser.parse_args(argv)
+    smalls = args.small or [None]
+    variants = [Variant("big", "big"), *(Variant(f"small@{s}", "small", s) for s in smalls)]
+    models = PairModels(args.pair, variants)
+    sources = encode(models.base, read_lines(args.source, args.limit))
+    big = measure({"big": models.translator(variants[0])}, sources, Batching.parse("tokens:4096"), 1)["big"].tokens
+    tgt = models.base.task.target_dictionary
+    for name in smalls:
+        share = agreement(models.small[name], sources, big, tgt.pad(), tgt.eos())
+        print(f"{name or models.spec.small}: {100 * share:.1f}% of {sum(len(t) for t in big)} big-model tokens "
+              f"({len(sources)} lines of {args.source})")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ sequence-level distillation (``bild-jobs distill``) tries to raise.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("small", nargs="*", help="small model files in the pair directory [pair.json's]")
     parser.add_argument("--limit", type=int, help="first N lines [all]")
     args = parser.parse_args(argv)
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # the figures only, not fairseq's loading notes
     smalls = args.small or [None]
     variants = [Variant("big", "big"), *(Variant(f"small@{s}", "small", s) for s in smalls)]
     models = PairModels(args.pair, variants)

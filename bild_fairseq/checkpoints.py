@@ -1,10 +1,11 @@
 """Inference-only fairseq checkpoints: what a pair directory ships."""
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 import torch
@@ -49,6 +50,12 @@ def _unreadable(path: str | Path, error: Exception) -> CheckpointError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return CheckpointError(f"{path} is not a readable checkpoint ({first}): the file is truncated or damaged; "
                            "copy or export it again")
+
+
+def model_settings(model_cfg: argparse.Namespace | MutableMapping) -> MutableMapping:
+    """A checkpoint's ``cfg["model"]`` as one mutable mapping: older fairseq saves it as an
+    ``argparse.Namespace``, newer as a dict or DictConfig. Writes go through to the config."""
+    return vars(model_cfg) if isinstance(model_cfg, argparse.Namespace) else model_cfg
 
 
 def inference_state(cfg: dict, model_state: dict, fp16: bool = True) -> dict:

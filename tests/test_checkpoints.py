@@ -1,7 +1,9 @@
 """Exported checkpoints: averaging several of one run keeps fairseq's format and tied weights."""
+import argparse
+
 import torch
 
-from bild_fairseq.checkpoints import export_for_inference
+from bild_fairseq.checkpoints import export_for_inference, model_settings
 from tiny import TINY_BIG, random_checkpoint
 
 TIED = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
@@ -55,3 +57,12 @@ def test_a_truncated_checkpoint_is_named(tiny_pair, tmp_path):
     pair = _pair_with(tiny_pair, tmp_path, (tiny_pair / "small.pt").read_bytes()[:5000])
     with pytest.raises(CheckpointError, match=f"{pair / 'small.pt'} is not a readable checkpoint .*truncated"):
         PairTranslator.from_pair_dir(pair)
+
+
+def test_model_settings_reads_and_writes_both_config_forms():
+    """Older fairseq saves a model's config as an argparse.Namespace, newer as a dict."""
+    for cfg in (argparse.Namespace(decoder_layers=6), {"decoder_layers": 6}):
+        settings = model_settings(cfg)
+        assert settings["decoder_layers"] == 6 and settings.get("arch") is None
+        settings["decoder_layers"] = 1
+        assert (cfg.decoder_layers if isinstance(cfg, argparse.Namespace) else cfg["decoder_layers"]) == 1

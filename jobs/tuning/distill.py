@@ -35,7 +35,7 @@ from pathlib import Path
 import click
 
 import bild_fairseq
-from bild_fairseq.checkpoints import export_for_inference
+from bild_fairseq.checkpoints import export_for_inference, model_settings
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
 from jobs.binarize import CommandFailed, binarize, run_logged
@@ -99,8 +99,7 @@ def model_flags(checkpoint: Path) -> list[str]:
     import torch
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    cfg = torch.load(checkpoint, map_location="cpu")["cfg"]["model"]  # weights-only, fairseq allow-list
-    model = vars(cfg) if isinstance(cfg, argparse.Namespace) else dict(cfg)
+    model = model_settings(torch.load(checkpoint, map_location="cpu")["cfg"]["model"])  # weights-only, allow-list
     arch = model.get("arch") or model.get("_name")
     if arch not in ARCH_MODEL_REGISTRY:
         raise DistillError(f"{checkpoint}: unknown architecture {arch!r}")

@@ -3,6 +3,7 @@
     python data/train.py deen            # prepare (if needed), train small + big, export data/pairs/deen
     python data/train.py summ --hours-big 0.6
     python data/train.py deen --export-only   # (re)write data/pairs/deen from the best checkpoints
+    python data/train.py deen --export-only --only big --big-size big-iwslt   # replace big.pt only
     python data/train.py summ --only big --hours-big 8 -- --dropout 0.3   # extra fairseq-train options
 
 Training resumes from the last checkpoint when rerun (fairseq's checkpoint_last.pt). On another
@@ -117,10 +118,18 @@ def shipped_checkpoints(ckpt_dir: Path, average: int) -> list[Path]:
     return interval[-average:]
 
 
-def export_pair(corpus: Corpus, work: Path, out: Path, average_big: int = 1, big_size: str = "big") -> Path:
-    """Write a pair directory: fp16 inference checkpoints, dictionaries, BPE codes, pair.json."""
+def export_pair(corpus: Corpus, work: Path, out: Path, average_big: int = 1, big_size: str = "big",
+                roles: tuple[str, ...] = ("big", "small")) -> Path:
+    """Write a pair directory: fp16 inference checkpoints, dictionaries, BPE codes, pair.json.
+    ``roles`` ("big",) replaces only the big model of an existing pair, keeping its small models
+    (e.g. a distilled one, whose training checkpoints live elsewhere or on another machine)."""
+    kept = [f"{role}.pt" for role in ("big", "small") if role not in roles and not (out / f"{role}.pt").is_file()]
+    if kept:
+        raise SystemExit(f"{out} has no {kept[0]} to keep: export both models (without --only)")
     out.mkdir(parents=True, exist_ok=True)
     for name, size, average in (("big", big_size, average_big), ("small", "small", 1)):
+        if name not in roles:
+            continue
         export_for_inference(shipped_checkpoints(work / f"ckpt-{size}", average), out / f"{name}.pt", fp16=True)
     for suffix in (corpus.src_suffix, corpus.tgt_suffix):
         shutil.copy(work / "bin" / f"dict.{suffix}.txt", out / f"dict.{suffix}.txt")
@@ -143,7 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpus", choices=sorted(CORPORA))
     parser.add_argument("--work", type=Path, help="work directory (default data/work/CORPUS)")
-    parser.add_argument("--only", choices=["big", "small"], help="train one model only")
+    parser.add_argument("--only", choices=["big", "small"],
+                        help="train one model only; with --export-only, replace only that model in the pair directory")
     parser.add_argument("--big-size", choices=[k for k in SIZES if k.startswith("big")], default="big",
                         help="the big model's size (SIZES); trains in and exports from WORK/ckpt-SIZE")
     parser.add_argument("--hours-big", type=float, default=0.75, help="wall-clock budget for the big model")
@@ -177,7 +187,7 @@ def main() -> None:
                 print(save_resume_point(save_dir / "checkpoint_last.pt", resume))
     if args.only is None or args.export_only:
         print(export_pair(CORPORA[args.corpus], work, args.pair_dir or ROOT / "data" / "pairs" / args.corpus,
-                          args.average_big, args.big_size))
+                          args.average_big, args.big_size, (args.only,) if args.only else ("big", "small")))
 
 
 if __name__ == "__main__":

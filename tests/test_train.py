@@ -2,9 +2,16 @@
 small file, with its update count, epoch and learning-rate schedule, not from scratch."""
 from __future__ import annotations
 
+import dataclasses
+import shutil
+
+import pytest
 import torch
 
-from data.train import save_resume_point, train
+from bild_fairseq.pairdir import PairSpec
+from data.corpora import CORPORA
+from data.train import export_pair, save_resume_point, train
+from tiny import TINY_BIG, random_checkpoint
 
 TINY = ["--encoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "16",
         "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "32", "--max-tokens", "1024",
@@ -41,3 +48,26 @@ def test_a_run_resumes_from_its_committed_resume_point(deen_slice, tmp_path):
     train(bin_dir, save_dir, "small", 1.0, 5, 1, [*TINY, "--max-update", "7"], resume=point)
     assert progress(save_dir / "checkpoint_last.pt")[0] == 7
     assert (save_dir / "train.log").read_text().count("--restore-file") == 1  # the first command's only
+
+
+def test_exporting_only_the_big_model_keeps_the_pairs_small_models(deen_slice, tiny_pair, tmp_path):
+    """A big model trained on another machine replaces big.pt; the distilled small models stay."""
+    work = tmp_path / "work"
+    (work / "ckpt-big-iwslt").mkdir(parents=True)
+    (work / "bin").symlink_to(deen_slice / "bin")
+    (work / "bpe.codes").symlink_to(deen_slice / "bpe.codes")
+    new_big = random_checkpoint(deen_slice / "bin", TINY_BIG, work / "ckpt-big-iwslt" / "checkpoint_best.pt", 7)
+    pair = shutil.copytree(tiny_pair, tmp_path / "pair")
+    (pair / "small-aligned.pt").write_bytes((pair / "small.pt").read_bytes())
+    spec = PairSpec.load(pair)
+    dataclasses.replace(spec, small="small-aligned.pt").save()
+    smalls = {name: (pair / name).read_bytes() for name in ("small.pt", "small-aligned.pt")}
+
+    export_pair(CORPORA["deen"], work, pair, big_size="big-iwslt", roles=("big",))
+    assert {name: (pair / name).read_bytes() for name in smalls} == smalls
+    name = "encoder.layers.0.fc1.weight"
+    assert torch.equal(torch.load(pair / "big.pt")["model"][name], torch.load(new_big)["model"][name].half())
+    assert PairSpec.load(pair).small == "small-aligned.pt"
+
+    with pytest.raises(SystemExit, match="no small.pt to keep"):
+        export_pair(CORPORA["deen"], work, tmp_path / "empty", big_size="big-iwslt", roles=("big",))

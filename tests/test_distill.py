@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from bench_fixtures import copy_pair, write_lines
 from bild_fairseq.api import PairTranslator
+from bild_fairseq.checkpoints import model_settings
 from jobs.tuning.distill import distill, model_flags
 
 pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
@@ -25,7 +26,7 @@ def test_distillation_end_to_end(tiny_pair, tmp_path):
     out = CliRunner().invoke(distill, [
         "--pair", str(pair), "--train-source", str(train), "--dev-source", str(dev), "--dev-ref", str(dev_ref),
         "--workdir", str(work), "--limit", str(N_TRAIN), "--device", "cpu", "--max-update", "4",
-        "--warmup-updates", "1", "--lr", "0.01", "--eval-limit", "8", "--install"])
+        "--warmup-updates", "1", "--lr", "0.01", "--dropout", "0", "--eval-limit", "8", "--install"])
     assert out.exit_code == 0, out.output + out.stderr + repr(out.exception)
 
     # 1. the runner decoded the first N_TRAIN training lines with the big model alone
@@ -49,6 +50,8 @@ def test_distillation_end_to_end(tiny_pair, tmp_path):
     after = torch.load(work / "small-aligned.pt")["model"]
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
     assert any(not before[k].half().equal(after[k]) for k in before)  # exported in fp16: compare in fp16
+    dropout = [model_settings(torch.load(p)["cfg"]["model"])["dropout"] for p in (pair / "small.pt", work / "small-aligned.pt")]
+    assert dropout == [0.1, 0.0]  # --dropout overrode the small model's own
     assert (pair / "small-aligned.pt").read_bytes() == (work / "small-aligned.pt").read_bytes()  # --install
 
     # 3. the report compares both small models in the benchmark's format

@@ -189,6 +189,9 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--warmup-updates", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
+              help="step 2: the student's dropout; 0 suits a student that underfits its teacher "
+                   "(training loss above validation loss) [the small model's own]")
 @click.option("--threads", type=click.IntRange(min=1), help="step 2: training threads [OMP_NUM_THREADS]")
 @click.option("--eval-limit", type=click.IntRange(min=1), help="step 3: first N dev lines [all]")
 @click.option("--batch", "batch_texts", multiple=True, default=("1",), show_default=True,
@@ -201,7 +204,7 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
 @click.option("--install", is_flag=True, help="copy the aligned model into the pair directory")
 def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
             workers: int | None, device: str, max_update: int, hours: float, lr: float, warmup_updates: int,
-            max_tokens: int, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
+            max_tokens: int, dropout: float | None, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
             student_layers: str | None, name: str, install: bool) -> None:
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
@@ -217,7 +220,8 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
                                     (read_lines(dev_source), read_lines(dev_teacher)), workdir)
         options = ["--lr", str(lr), "--warmup-updates", str(warmup_updates), "--max-tokens", str(max_tokens),
                    "--max-update", str(max_update), "--stop-time-hours", str(hours),
-                   "--save-interval-updates", str(max(1, min(500, max_update)))]
+                   "--save-interval-updates", str(max(1, min(500, max_update))),
+                   *(["--dropout", str(dropout)] if dropout is not None else [])]
         aligned = export_for_inference(finetune(spec, small, bin_dir, workdir, options, threads), workdir / name)
         echo(f"3/3 comparing {name} with {spec.small} on {dev_source}")
         suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref,

@@ -4,7 +4,8 @@
     python data/evaluate.py summ --limit 300
 
 Reports quality (BLEU/chrF with sacrebleu signatures, or ROUGE), parameters, decoder
-multiply-accumulates per generated token and the measured time of one incremental decoder step.
+multiply-accumulates per generated token and the measured time of one incremental decoder step
+(the models' timings interleaved: on a shared machine read their ratio, not the milliseconds).
 """
 from __future__ import annotations
 
@@ -59,6 +60,16 @@ def step_ms(model, prefix: int = 20, source_len: int = 25, repeats: int = 30) ->
     return 1000 * statistics.median(times)
 
 
+def interleaved_step_ms(models: dict[str, torch.nn.Module], rounds: int = 5) -> dict[str, float]:
+    """Each model's ``step_ms``, measured in ``rounds`` alternating rounds and reduced to the median,
+    so that a slow spell of a shared machine slows every model alike and their ratio holds."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(step_ms(model))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def read(path: Path, limit: int | None) -> list[str]:
     with lzma.open(path, "rt", encoding="utf-8") as f:
         return [line.rstrip("\n") for line in islice(f, limit)]
@@ -73,9 +84,10 @@ def evaluate(corpus_name: str, pair_dir: Path, limit: int | None) -> dict:
     # rows: big, the pair's small model, then any other small model in the directory (e.g. the
     # unaligned small.pt next to a distilled default)
     others = sorted(f.name for f in pair_dir.glob("small*.pt") if f.name != default_small)
+    models = {}
     for row, mode, checkpoint in [("big", "big", None), ("small", "small", None), *[(n, "small", n) for n in others]]:
         t = PairTranslator.from_pair_dir(pair_dir, mode=mode, small_checkpoint=checkpoint)
-        model = t.generator.model.single_model
+        model = models[row] = t.generator.model.single_model
         out = t.translate(sources, max_tokens=4000)
         report["task"] = t.spec.task
         report["models"][row] = {
@@ -83,10 +95,11 @@ def evaluate(corpus_name: str, pair_dir: Path, limit: int | None) -> dict:
             "scores": [s.to_dict() for s in score_task(t.spec.task, out.hypotheses, refs)],
             "parameters": sum(p.numel() for p in model.parameters()),
             "decoder_macs_per_token": decoder_macs_per_token(model),
-            "decoder_step_ms": step_ms(model),
             "architecture": {k: getattr(model.cfg if hasattr(model, "cfg") else model.args, k, None) for k in (
                 "encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_embed_dim", "decoder_ffn_embed_dim")},
         }
+    for row, ms in interleaved_step_ms(models).items():
+        report["models"][row]["decoder_step_ms"] = ms
     big, small = report["models"]["big"], report["models"]["small"]
     report["decoder_macs_ratio"] = big["decoder_macs_per_token"] / small["decoder_macs_per_token"]
     report["decoder_step_time_ratio"] = big["decoder_step_ms"] / small["decoder_step_ms"]

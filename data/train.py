@@ -123,14 +123,13 @@ def export_pair(corpus: Corpus, work: Path, out: Path, average_big: int = 1, big
     """Write a pair directory: fp16 inference checkpoints, dictionaries, BPE codes, pair.json.
     ``roles`` ("big",) replaces only the big model of an existing pair, keeping its small models
     (e.g. a distilled one, whose training checkpoints live elsewhere or on another machine)."""
-    kept = [f"{role}.pt" for role in ("big", "small") if role not in roles and not (out / f"{role}.pt").is_file()]
-    if kept:
-        raise SystemExit(f"{out} has no {kept[0]} to keep: export both models (without --only)")
+    missing = [f"{role}.pt" for role in ("big", "small") if role not in roles and not (out / f"{role}.pt").is_file()]
+    if missing:
+        raise SystemExit(f"{out} has no {missing[0]} to keep: export both models (without --only)")
     out.mkdir(parents=True, exist_ok=True)
     for name, size, average in (("big", big_size, average_big), ("small", "small", 1)):
-        if name not in roles:
-            continue
-        export_for_inference(shipped_checkpoints(work / f"ckpt-{size}", average), out / f"{name}.pt", fp16=True)
+        if name in roles:
+            export_for_inference(shipped_checkpoints(work / f"ckpt-{size}", average), out / f"{name}.pt", fp16=True)
     for suffix in (corpus.src_suffix, corpus.tgt_suffix):
         shutil.copy(work / "bin" / f"dict.{suffix}.txt", out / f"dict.{suffix}.txt")
     shutil.copy(work / "bpe.codes", out / "bpe.codes")

@@ -46,13 +46,16 @@ class PairTranslator:
 
     @classmethod
     def from_pair_dir(cls, pair_dir: str | Path, mode: str = "bild", small_checkpoint: str | None = None,
+                      big_checkpoint: str | Path | None = None,
                       exact: bool = False, fallback_threshold: float | None = None,
                       rollback_threshold: float | None = None, max_small_steps: int | None = None,
                       wait_share: float | None = None, max_wait: int | None = None,
                       verify_drafting: bool | None = None,
                       beam: int = 1, device: str = "cpu", fp16: bool = False,
                       max_len_a: float | None = None, max_len_b: int | None = None) -> "PairTranslator":
-        """Load a pair directory. ``mode`` "big"/"small" decode with one model (baselines)."""
+        """Load a pair directory. ``mode`` "big"/"small" decode with one model (baselines).
+        ``small_checkpoint``/``big_checkpoint`` replace the pair's models: a file name in the
+        directory, or a path elsewhere (e.g. a training checkpoint trained on the pair's dictionaries)."""
         from fairseq.sequence_generator import SequenceGenerator
         from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
@@ -63,8 +66,8 @@ class PairTranslator:
         if mode == "bild" and beam != 1:
             raise BildOptionError(f"BiLD decodes greedily: beam must be 1 (got {beam})")
         spec = PairSpec.load(pair_dir)
-        small_name = small_checkpoint or "small"
-        paths = {"bild": ["big", small_name], "big": ["big"], "small": [small_name]}[mode]
+        small_name, big_name = small_checkpoint or "small", str(big_checkpoint or "big")
+        paths = {"bild": [big_name, small_name], "big": [big_name], "small": [small_name]}[mode]
         files = [spec.model_path(p) for p in paths]  # clear error on a missing model file
         task = TranslationTask.setup_task(TranslationConfig(data=str(spec.directory), source_lang=spec.source_lang,
                                                             target_lang=spec.target_lang))

@@ -89,7 +89,7 @@ class PairSpec:
                 raise PairDirError(f"pair directory {self.directory}: missing {name}")
 
     def model_path(self, which: str) -> Path:
-        """``which`` is "big", "small" or a file name in the directory (e.g. small-aligned.pt)."""
+        """``which`` is "big", "small", a file name in the directory (e.g. small-aligned.pt) or a path."""
         name = {"big": self.big, "small": self.small}.get(which, which)
         path = self.directory / name
         if not path.is_file():

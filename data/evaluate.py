@@ -2,6 +2,7 @@
 
     python data/evaluate.py deen            # -> data/pairs/deen/report.{json,md}
     python data/evaluate.py summ --limit 300
+    python data/evaluate.py deen --big data/checkpoints/deen-big-iwslt.pt --out /tmp/iwslt   # a training checkpoint
 
 Reports quality (BLEU/chrF with sacrebleu signatures, or ROUGE), parameters, decoder
 multiply-accumulates per generated token and the measured time of one incremental decoder step
@@ -75,7 +76,8 @@ def read(path: Path, limit: int | None) -> list[str]:
         return [line.rstrip("\n") for line in islice(f, limit)]
 
 
-def evaluate(corpus_name: str, pair_dir: Path, limit: int | None) -> dict:
+def evaluate(corpus_name: str, pair_dir: Path, limit: int | None, big: Path | None = None) -> dict:
+    """``big``: a checkpoint to evaluate in place of the pair's big model (the small rows stay)."""
     corpus = CORPORA[corpus_name]
     sources = read(corpus.path("test", corpus.src_suffix), limit)
     refs = read(corpus.path("test", corpus.tgt_suffix), limit)
@@ -86,7 +88,7 @@ def evaluate(corpus_name: str, pair_dir: Path, limit: int | None) -> dict:
     others = sorted(f.name for f in pair_dir.glob("small*.pt") if f.name != default_small)
     models = {}
     for row, mode, checkpoint in [("big", "big", None), ("small", "small", None), *[(n, "small", n) for n in others]]:
-        t = PairTranslator.from_pair_dir(pair_dir, mode=mode, small_checkpoint=checkpoint)
+        t = PairTranslator.from_pair_dir(pair_dir, mode=mode, small_checkpoint=checkpoint, big_checkpoint=big)
         model = models[row] = t.generator.model.single_model
         out = t.translate(sources, max_tokens=4000)
         report["task"] = t.spec.task
@@ -126,13 +128,20 @@ def main() -> None:
     parser.add_argument("corpus", choices=sorted(CORPORA))
     parser.add_argument("--pair", type=Path, help="pair directory (default data/pairs/CORPUS)")
     parser.add_argument("--limit", type=int, help="evaluate on the first N test lines only")
+    parser.add_argument("--big", type=Path, help="evaluate this checkpoint as the big model (e.g. a training checkpoint "
+                                                 "or resume point trained on the pair's dictionaries)")
+    parser.add_argument("--out", type=Path, help="write report.{json,md} here [the pair directory; with --big, "
+                                                 "only printed unless --out is given]")
     args = parser.parse_args()
     pair = args.pair or ROOT / "data" / "pairs" / args.corpus
+    out = args.out or (None if args.big else pair)
     torch.set_num_threads(1)
-    report = evaluate(args.corpus, pair, args.limit)
+    report = evaluate(args.corpus, pair, args.limit, args.big and args.big.resolve())
     command = "python data/evaluate.py " + " ".join(sys.argv[1:])
-    (pair / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (pair / "report.md").write_text(markdown(report, command))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "report.md").write_text(markdown(report, command))
     print(markdown(report, command))
 
 

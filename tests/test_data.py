@@ -102,3 +102,15 @@ def test_evaluate_reports_every_small_model_of_a_pair(tiny_pair, tmp_path):
     assert report["test_lines"] == 4 and report["decoder_macs_ratio"] > 0
     md = markdown(report, "python data/evaluate.py deen")
     assert "| small (`small-aligned.pt`) |" in md and "| small.pt (`small.pt`) |" in md
+
+
+def test_evaluate_scores_a_checkpoint_outside_the_pair_as_its_big_model(tiny_pair, tmp_path):
+    """--big: a training checkpoint elsewhere replaces big.pt (here: the small model, so its row shows)."""
+    elsewhere = tmp_path / "ckpt" / "checkpoint_best.pt"
+    elsewhere.parent.mkdir()
+    shutil.copy(tiny_pair / "small.pt", elsewhere)
+    report = evaluate("deen", tiny_pair, limit=4, big=elsewhere)
+    big, small = report["models"]["big"], report["models"]["small"]
+    assert big["file"] == "checkpoint_best.pt" and big["parameters"] == small["parameters"]
+    assert big["scores"] == small["scores"]  # the same model decodes the same lines alike
+    assert evaluate("deen", tiny_pair, limit=4)["models"]["big"]["parameters"] != small["parameters"]

@@ -8,6 +8,7 @@ import pytest
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.scoring import bleu, chrf, rouge, score_task
 from bild_fairseq.text import TextPipeline
+from data.distill_sources import held_out_clean
 from data.evaluate import evaluate, markdown
 from tiny import ROOT
 
@@ -114,3 +115,19 @@ def test_evaluate_scores_a_checkpoint_outside_the_pair_as_its_big_model(tiny_pai
     assert big["file"] == "checkpoint_best.pt" and big["parameters"] == small["parameters"]
     assert big["scores"] == small["scores"]  # the same model decodes the same lines alike
     assert evaluate("deen", tiny_pair, limit=4)["models"]["big"]["parameters"] != small["parameters"]
+
+
+def test_distillation_sources_leave_out_text_of_the_held_out_splits():
+    """A DDTP paragraph quoting six words of a valid/test description would make valid agreement
+    a training measure: it is dropped, as are short lines, training lines and repeats."""
+    held = ["Foo is a tool to convert images between many formats quickly and safely."]
+    train = ["Bar reads mail from several accounts and sorts it into folders by rules it learns."]
+    fresh = "Baz draws plots of data from files or pipes, with labels, legends and colours, in many styles."
+    extra = [
+        "This one says it can convert images between many formats quickly and has nothing else in common.",
+        "Short synopsis line",
+        train[0],
+        fresh,
+        fresh,
+    ]
+    assert held_out_clean(extra, train, held) == [fresh]

@@ -58,6 +58,19 @@ def model_settings(model_cfg: argparse.Namespace | MutableMapping) -> MutableMap
     return vars(model_cfg) if isinstance(model_cfg, argparse.Namespace) else model_cfg
 
 
+def last_interval_checkpoints(ckpt_dir: Path, count: int) -> list[Path]:
+    """fairseq-train's last ``count`` interval checkpoints (``checkpoint_E_U.pt``, by update), to be
+    averaged; ``count`` <= 1: ``checkpoint_best.pt``."""
+    if count <= 1:
+        return [ckpt_dir / "checkpoint_best.pt"]
+    interval = sorted(ckpt_dir.glob("checkpoint_*_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if len(interval) < count:
+        raise CheckpointError(f"{ckpt_dir} holds {len(interval)} interval checkpoints but averaging asks for {count}: "
+                              "train longer (every --save-interval-updates keeps one, up to --keep-interval-updates) "
+                              "or average fewer")
+    return interval[-count:]
+
+
 def inference_state(cfg: dict, model_state: dict, fp16: bool = True) -> dict:
     """A checkpoint that stock fairseq loads, without optimizer state (``fp16`` halves its size;
     fairseq copies the weights into the model's own dtype on load)."""

@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bild_fairseq.checkpoints import export_for_inference, inference_state  # noqa: E402
+from bild_fairseq.checkpoints import CheckpointError, export_for_inference, inference_state, last_interval_checkpoints  # noqa: E402
 from bild_fairseq.pairdir import PairSpec  # noqa: E402
 from data.corpora import CORPORA, Corpus  # noqa: E402
 
@@ -107,17 +107,6 @@ def save_resume_point(checkpoint: Path, dst: Path) -> Path:
     return dst
 
 
-def shipped_checkpoints(ckpt_dir: Path, average: int) -> list[Path]:
-    """``checkpoint_best.pt``, or the last ``average`` interval checkpoints (to be averaged)."""
-    if average <= 1:
-        return [ckpt_dir / "checkpoint_best.pt"]
-    interval = sorted(ckpt_dir.glob("checkpoint_*_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    if len(interval) < average:
-        raise SystemExit(f"{ckpt_dir} holds {len(interval)} interval checkpoints but averaging asks for {average}: "
-                         f"train longer (every 500 updates keeps one, up to --keep-interval-updates) or average fewer")
-    return interval[-average:]
-
-
 def export_pair(corpus: Corpus, work: Path, out: Path, average_big: int = 1, big_size: str = "big",
                 roles: tuple[str, ...] = ("big", "small")) -> Path:
     """Write a pair directory: fp16 inference checkpoints, dictionaries, BPE codes, pair.json.
@@ -129,7 +118,7 @@ def export_pair(corpus: Corpus, work: Path, out: Path, average_big: int = 1, big
     out.mkdir(parents=True, exist_ok=True)
     for name, size, average in (("big", big_size, average_big), ("small", "small", 1)):
         if name in roles:
-            export_for_inference(shipped_checkpoints(work / f"ckpt-{size}", average), out / f"{name}.pt", fp16=True)
+            export_for_inference(last_interval_checkpoints(work / f"ckpt-{size}", average), out / f"{name}.pt", fp16=True)
     for suffix in (corpus.src_suffix, corpus.tgt_suffix):
         shutil.copy(work / "bin" / f"dict.{suffix}.txt", out / f"dict.{suffix}.txt")
     shutil.copy(work / "bpe.codes", out / "bpe.codes")
@@ -185,8 +174,11 @@ def main() -> None:
             if args.save_resume:
                 print(save_resume_point(save_dir / "checkpoint_last.pt", resume))
     if args.only is None or args.export_only:
-        print(export_pair(CORPORA[args.corpus], work, args.pair_dir or ROOT / "data" / "pairs" / args.corpus,
-                          args.average_big, args.big_size, (args.only,) if args.only else ("big", "small")))
+        try:
+            print(export_pair(CORPORA[args.corpus], work, args.pair_dir or ROOT / "data" / "pairs" / args.corpus,
+                              args.average_big, args.big_size, (args.only,) if args.only else ("big", "small")))
+        except CheckpointError as e:
+            raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Exported checkpoints: averaging several of one run keeps fairseq's format and tied weights."""
 import argparse
 
+import pytest
 import torch
 
-from bild_fairseq.checkpoints import export_for_inference, model_settings
+from bild_fairseq.checkpoints import CheckpointError, export_for_inference, last_interval_checkpoints, model_settings
 from tiny import TINY_BIG, random_checkpoint
 
 TIED = ("decoder.embed_tokens.weight", "decoder.output_projection.weight")
@@ -66,3 +67,14 @@ def test_model_settings_reads_and_writes_both_config_forms():
         assert settings["decoder_layers"] == 6 and settings.get("arch") is None
         settings["decoder_layers"] = 1
         assert (cfg.decoder_layers if isinstance(cfg, argparse.Namespace) else cfg["decoder_layers"]) == 1
+
+
+def test_last_interval_checkpoints_are_ordered_by_update_and_counted(tmp_path):
+    """What train.py --average-big and bild-jobs distill --average average: the last N by update
+    number (not by name: 10000 sorts after 2000), or checkpoint_best.pt for N = 1."""
+    for name in ("checkpoint_1_500.pt", "checkpoint_10_10000.pt", "checkpoint_2_2000.pt", "checkpoint_best.pt"):
+        (tmp_path / name).touch()
+    assert [p.name for p in last_interval_checkpoints(tmp_path, 2)] == ["checkpoint_2_2000.pt", "checkpoint_10_10000.pt"]
+    assert last_interval_checkpoints(tmp_path, 1) == [tmp_path / "checkpoint_best.pt"]
+    with pytest.raises(CheckpointError, match="holds 3 interval checkpoints but averaging asks for 4"):
+        last_interval_checkpoints(tmp_path, 4)

@@ -35,7 +35,7 @@ from pathlib import Path
 import click
 
 import bild_fairseq
-from bild_fairseq.checkpoints import export_for_inference, model_settings
+from bild_fairseq.checkpoints import CheckpointError, export_for_inference, last_interval_checkpoints, model_settings
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
 from jobs.binarize import CommandFailed, binarize, run_logged
@@ -54,7 +54,7 @@ from jobs.worker import resolve_device
 PLUGIN_DIR = Path(bild_fairseq.__file__).resolve().parent
 FINETUNE = ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr-scheduler", "inverse_sqrt",
             "--warmup-init-lr", "1e-07", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--no-epoch-checkpoints", "--keep-interval-updates", "1", "--no-progress-bar", "--log-interval", "50",
+            "--no-epoch-checkpoints", "--no-progress-bar", "--log-interval", "50",
             "--num-workers", "0", "--seed", "1", "--max-epoch", "1000"]
 
 
@@ -192,6 +192,9 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
               help="step 2: the student's dropout; 0 suits a student that underfits its teacher "
                    "(training loss above validation loss) [the small model's own]")
+@click.option("--average", type=click.IntRange(min=1), default=1, show_default=True,
+              help="step 2: ship the mean of the last N interval checkpoints (one per 500 updates) instead of "
+                   "the lowest-validation-loss one; averaging smooths a flat end of training")
 @click.option("--threads", type=click.IntRange(min=1), help="step 2: training threads [OMP_NUM_THREADS]")
 @click.option("--eval-limit", type=click.IntRange(min=1), help="step 3: first N dev lines [all]")
 @click.option("--batch", "batch_texts", multiple=True, default=("1",), show_default=True,
@@ -204,7 +207,7 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
 @click.option("--install", is_flag=True, help="copy the aligned model into the pair directory")
 def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
             workers: int | None, device: str, max_update: int, hours: float, lr: float, warmup_updates: int,
-            max_tokens: int, dropout: float | None, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
+            max_tokens: int, dropout: float | None, average: int, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
             student_layers: str | None, name: str, install: bool) -> None:
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
@@ -221,14 +224,16 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         options = ["--lr", str(lr), "--warmup-updates", str(warmup_updates), "--max-tokens", str(max_tokens),
                    "--max-update", str(max_update), "--stop-time-hours", str(hours),
                    "--save-interval-updates", str(max(1, min(500, max_update))),
+                   "--keep-interval-updates", str(average),
                    *(["--dropout", str(dropout)] if dropout is not None else [])]
-        aligned = export_for_inference(finetune(spec, small, bin_dir, workdir, options, threads), workdir / name)
+        best = finetune(spec, small, bin_dir, workdir, options, threads)
+        aligned = export_for_inference(last_interval_checkpoints(best.parent, average), workdir / name)
         echo(f"3/3 comparing {name} with {spec.small} on {dev_source}")
         suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref,
                       (SmallModel(), SmallModel(name)))
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
     except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
-            WorkDirError, CollectError, CommandFailed, ShrinkError) as e:
+            WorkDirError, CollectError, CommandFailed, ShrinkError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     report = "\n".join(["## Aligned small model", "", *comparison(result, spec.small, name), "", *render_suite(result)])
     (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.corpora import CORPORA  # noqa: E402
+from data.prepare import read_lines  # noqa: E402
 
 NGRAM = 6
 MIN_WORDS = 15
@@ -45,20 +46,15 @@ def held_out_clean(extra: Iterable[str], train: Iterable[str], held_out: Iterabl
     return kept
 
 
-def read(path: Path) -> list[str]:
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("extra", type=Path, help="extra English text, one paragraph per line (.xz)")
     parser.add_argument("out", type=Path, help="training descriptions + the kept extra lines (.xz)")
     args = parser.parse_args()
     corpus = CORPORA["summ"]
-    train = read(corpus.path("train", corpus.src_suffix))
-    held = [line for split in ("valid", "test") for line in read(corpus.path(split, corpus.src_suffix))]
-    extra = read(args.extra)
+    train = read_lines(corpus.path("train", corpus.src_suffix), None)
+    held = [line for split in ("valid", "test") for line in read_lines(corpus.path(split, corpus.src_suffix), None)]
+    extra = read_lines(args.extra, None)
     kept = held_out_clean(extra, train, held)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with lzma.open(args.out, "wt", encoding="utf-8") as f:

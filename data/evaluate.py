@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import statistics
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from bild_fairseq.incremental import IncrementalDecoder  # noqa: E402
 from bild_fairseq.pairdir import PairSpec  # noqa: E402
 from bild_fairseq.scoring import score_task  # noqa: E402
 from data.corpora import CORPORA  # noqa: E402
+from data.prepare import read_lines  # noqa: E402
 
 
 def decoder_macs_per_token(model) -> int:
@@ -71,16 +70,11 @@ def interleaved_step_ms(models: dict[str, torch.nn.Module], rounds: int = 5) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def read(path: Path, limit: int | None) -> list[str]:
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in islice(f, limit)]
-
-
 def evaluate(corpus_name: str, pair_dir: Path, limit: int | None, big: Path | None = None) -> dict:
     """``big``: a checkpoint to evaluate in place of the pair's big model (the small rows stay)."""
     corpus = CORPORA[corpus_name]
-    sources = read(corpus.path("test", corpus.src_suffix), limit)
-    refs = read(corpus.path("test", corpus.tgt_suffix), limit)
+    sources = read_lines(corpus.path("test", corpus.src_suffix), limit)
+    refs = read_lines(corpus.path("test", corpus.tgt_suffix), limit)
     report = {"pair": str(pair_dir), "test_lines": len(sources), "models": {}}
     default_small = PairSpec.load(pair_dir).small
     # rows: big, the pair's small model, then any other small model in the directory (e.g. the

@@ -130,4 +130,5 @@ def test_distillation_sources_leave_out_text_of_the_held_out_splits():
         fresh,
         fresh,
     ]
-    assert held_out_clean(extra, train, held) == [fresh]
+    assert held_out_clean(extra, train, held, min_words=15) == [fresh]
+    assert held_out_clean(extra, train, held) == ["Short synopsis line", fresh]

@@ -75,7 +75,7 @@ def train(bin_dir: Path, save_dir: Path, size: str, hours: float, max_epoch: int
     from ``resume`` (a resume point) when that exists. ``hours`` counts the run's whole training
     time, the resume point's included (fairseq's --stop-time-hours)."""
     save_dir.mkdir(parents=True, exist_ok=True)
-    restore = (["--restore-file", str(resume)]
+    restore = (["--restore-file", str(restorable(resume, save_dir / "resume-point-restored.pt"))]
                if resume is not None and resume.is_file() and not (save_dir / "checkpoint_last.pt").exists() else [])
     # extra options come last: for fairseq the last occurrence of an option wins
     cmd = ["fairseq-train", str(bin_dir), *COMMON, *SIZES[size], "--save-dir", str(save_dir),
@@ -87,12 +87,21 @@ def train(bin_dir: Path, save_dir: Path, size: str, hours: float, max_epoch: int
     return save_dir / "checkpoint_best.pt"
 
 
+def split_fairseq_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A command line's own options and, after ``--``, those that go to fairseq-train verbatim."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    return argv[:split], argv[split + 1:]
+
+
 def save_resume_point(checkpoint: Path, dst: Path) -> Path:
     """A training checkpoint (checkpoint_last.pt) made small enough to commit: fp16 weights, the
     run's progress (update count, epoch and place in it, learning-rate schedule, training time),
-    and an optimizer state without Adam's moments, which would triple the file. fairseq restores
-    it as a checkpoint whose optimizer was reset but whose schedule was not: the moments restart
-    from zero at the learning rate the run had reached (a short bump in the loss, no new warm-up)."""
+    and Adam's second moments factored as Adafactor keeps them (each matrix's row and column
+    means: kilobytes, where the moments themselves would triple the file). ``restorable`` expands
+    them again, so the run goes on at its update count and learning rate with step sizes of the
+    right scale; only the first moments (momentum) restart from zero, which Adam refills within
+    tens of updates. Without second moments the first step after a resume moves every weight by
+    the full learning rate (transformer_iwslt_de_en: valid ppl 57.5 -> 68.3 in two updates)."""
     state = torch.load(checkpoint, map_location="cpu")  # weights-only, fairseq allow-list
     optimizer = state["last_optimizer_state"]
     point = inference_state(state["cfg"], state["model"], fp16=True)
@@ -101,10 +110,44 @@ def save_resume_point(checkpoint: Path, dst: Path) -> Path:
         task_state=state.get("task_state", {}),
         extra_state={k: v for k, v in state["extra_state"].items() if k != "metrics"},  # meters restart
         last_optimizer_state={"state": {}, "param_groups": optimizer["param_groups"]},
+        adam_second_moments={i: {"step": s["step"], **_factored(s["exp_avg_sq"])} for i, s in optimizer["state"].items()},
     )
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(point, dst)
     return dst
+
+
+def restorable(point: Path, dst: Path) -> Path:
+    """A resume point as fairseq's --restore-file takes it: its factored second moments expanded
+    into Adam's state (first moments zero) in ``dst``; a point without them (written before they
+    were kept) is returned as it is, and fairseq's Adam starts its moments from zero."""
+    state = torch.load(point, map_location="cpu")
+    moments = state.pop("adam_second_moments", None)
+    if not moments:
+        return point
+    adam = {}
+    for i, factors in moments.items():
+        second = _expanded(factors)
+        adam[i] = {"step": factors["step"], "exp_avg": torch.zeros_like(second), "exp_avg_sq": second}
+    state["last_optimizer_state"]["state"] = adam
+    torch.save(state, dst)
+    return dst
+
+
+def _factored(second: torch.Tensor) -> dict:
+    """A second moment as Adafactor stores it: a matrix by its row and column means (a vector whole)."""
+    if second.dim() < 2:
+        return {"exp_avg_sq": second.float()}
+    rows = second.float().reshape(-1, second.shape[-1])
+    return {"shape": list(second.shape), "row": rows.mean(1), "col": rows.mean(0)}
+
+
+def _expanded(factors: dict) -> torch.Tensor:
+    """The rank-1 matrix with the stored row and column means (Adafactor's estimate)."""
+    if "exp_avg_sq" in factors:
+        return factors["exp_avg_sq"]
+    row, col = factors["row"], factors["col"]
+    return (torch.outer(row, col) / row.mean().clamp_min(torch.finfo(row.dtype).tiny)).reshape(factors["shape"])
 
 
 def export_pair(corpus: Corpus, work: Path, out: Path, average_big: int = 1, big_size: str = "big",
@@ -157,10 +200,8 @@ def main() -> None:
                              "model trained (commit it to continue the run on another machine)")
     parser.epilog = ("Options after -- go to fairseq-train verbatim and override the recipe's "
                      "(e.g. -- --dropout 0.3 when resuming a model that overfits).")
-    argv = sys.argv[1:]
-    split = argv.index("--") if "--" in argv else len(argv)
-    args = parser.parse_args(argv[:split])
-    fairseq_args = argv[split + 1:]
+    ours, fairseq_args = split_fairseq_args(sys.argv[1:])
+    args = parser.parse_args(ours)
     work = args.work or ROOT / "data" / "work" / args.corpus
     bin_dir = work / "bin"
     if not (bin_dir / "preprocess.log").exists():

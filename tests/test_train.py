@@ -10,7 +10,7 @@ import torch
 
 from bild_fairseq.pairdir import PairSpec
 from data.corpora import CORPORA
-from data.train import export_pair, save_resume_point, train
+from data.train import export_pair, restorable, save_resume_point, train
 from tiny import TINY_BIG, random_checkpoint
 
 TINY = ["--encoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "16",
@@ -30,14 +30,31 @@ def test_a_run_resumes_from_its_committed_resume_point(deen_slice, tmp_path):
     updates, seconds = progress(last)
     assert updates == 4
     point = save_resume_point(last, tmp_path / "checkpoints" / "deen-small.pt")
-    # fp16 weights and no Adam moments: a sixth of the training checkpoint
+    # fp16 weights and Adam's second moments factored: a sixth of the training checkpoint
     assert point.stat().st_size < last.stat().st_size / 4
+    # ... which expand to Adam's state with every matrix's row and column means, vectors exact
+    adam = torch.load(last, map_location="cpu")["last_optimizer_state"]["state"]
+    restored = torch.load(restorable(point, tmp_path / "restored.pt"), map_location="cpu")["last_optimizer_state"]["state"]
+    assert restored.keys() == adam.keys()
+    for i, moments in adam.items():
+        second, estimate = moments["exp_avg_sq"], restored[i]["exp_avg_sq"]
+        assert estimate.shape == second.shape and restored[i]["step"] == moments["step"] == 4
+        assert not restored[i]["exp_avg"].any()
+        if second.dim() == 1:
+            assert torch.equal(estimate, second)
+        else:
+            assert torch.allclose(estimate.mean(1), second.mean(1), rtol=1e-4)
+            assert torch.allclose(estimate.mean(0), second.mean(0), rtol=1e-4)
+    legacy = torch.load(point, map_location="cpu")  # a point written before the moments were kept
+    del legacy["adam_second_moments"]
+    torch.save(legacy, tmp_path / "legacy.pt")
+    assert restorable(tmp_path / "legacy.pt", tmp_path / "unused.pt") == tmp_path / "legacy.pt"
 
     # another machine: an empty save directory, only the committed point
     save_dir = tmp_path / "machine-b"
     train(bin_dir, save_dir, "small", 1.0, 5, 1, [*TINY, "--max-update", "6"], resume=point)
     log = (save_dir / "train.log").read_text()
-    assert f"--restore-file {point}" in log and "@ 4 updates" in log
+    assert f"--restore-file {save_dir / 'resume-point-restored.pt'}" in log and "@ 4 updates" in log
     resumed = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")
     assert progress(save_dir / "checkpoint_last.pt")[0] == 6  # two more updates, not a fresh start
     assert resumed["extra_state"]["previous_training_time"] > seconds  # --stop-time-hours counts the whole run

@@ -97,7 +97,7 @@ def save_resume_point(checkpoint: Path, dst: Path) -> Path:
     """A training checkpoint (checkpoint_last.pt) made small enough to commit: fp16 weights, the
     run's progress (update count, epoch and place in it, learning-rate schedule, training time),
     and Adam's second moments factored as Adafactor keeps them (each matrix's row and column
-    means: kilobytes, where the moments themselves would triple the file). ``restorable`` expands
+    means: under a megabyte, where the moments themselves would triple the file). ``restorable`` expands
     them again, so the run goes on at its update count and learning rate with step sizes of the
     right scale; only the first moments (momentum) restart from zero, which Adam refills within
     tens of updates. Without second moments the first step after a resume moves every weight by

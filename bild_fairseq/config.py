@@ -84,7 +84,7 @@ class BildChoice:
 
 
 class BildOptionError(ValueError):
-    """Invalid or unsupported combination of --bild options."""
+    """Invalid or unsupported combination of the plugin's options (--bild-*, --teacher/--kd-weight)."""
 
 
 def check_thresholds(fallback_threshold: float, rollback_threshold: float, max_small_steps: int) -> None:

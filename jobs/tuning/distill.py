@@ -6,7 +6,8 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
 \b
   1. the big model decodes the training sources greedily, through `bild-jobs run --big-only`
      (sharded and resumable like any run: rerunning this command picks up where it stopped);
-  2. `fairseq-train` fine-tunes the small model on (source, big output), starting from the
+  2. `fairseq-train` fine-tunes the small model on (source, big output) (with --word-kd, also on
+     the big model's next-token distributions), starting from the
      pair's small checkpoint, with the same architecture and dictionaries (or, with
      --student-layers, from a student made of the big model's own layers); its validation set
      is the dev sources with the big model's outputs (what the small model should imitate; the
@@ -53,7 +54,7 @@ from jobs.worker import resolve_device
 
 PLUGIN_DIR = Path(bild_fairseq.__file__).resolve().parent
 FINETUNE = ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr-scheduler", "inverse_sqrt",
-            "--warmup-init-lr", "1e-07", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--warmup-init-lr", "1e-07", "--label-smoothing", "0.1",
             "--no-epoch-checkpoints", "--no-progress-bar", "--log-interval", "50",
             "--num-workers", "0", "--seed", "1", "--max-epoch", "1000"]
 
@@ -115,6 +116,15 @@ def model_flags(checkpoint: Path) -> list[str]:
         else:
             flags += [action.option_strings[0], str(value)]
     return flags
+
+
+def criterion_flags(spec: PairSpec, kd_weight: float) -> list[str]:
+    """Sequence-level distillation (cross-entropy on the big model's outputs), or with ``kd_weight``
+    > 0 also word-level: the big model's distributions as soft targets (bild_fairseq.distillation)."""
+    if not kd_weight:
+        return ["--criterion", "label_smoothed_cross_entropy"]
+    return ["--criterion", "bild_distillation", "--teacher", str(spec.model_path("big").resolve()),
+            "--kd-weight", str(kd_weight)]
 
 
 def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options: list[str], threads: int | None) -> Path:
@@ -195,6 +205,9 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
 @click.option("--average", type=click.IntRange(min=1), default=1, show_default=True,
               help="step 2: ship the mean of the last N interval checkpoints (one per 500 updates) instead of "
                    "the lowest-validation-loss one; averaging smooths a flat end of training")
+@click.option("--word-kd", "kd_weight", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="step 2: weight of the big model's next-token distributions as soft targets (KL), against "
+                   "the cross-entropy on its outputs; each update also runs the big model (costs ~1.5x an update)")
 @click.option("--threads", type=click.IntRange(min=1), help="step 2: training threads [OMP_NUM_THREADS]")
 @click.option("--eval-limit", type=click.IntRange(min=1), help="step 3: first N dev lines [all]")
 @click.option("--batch", "batch_texts", multiple=True, default=("1",), show_default=True,
@@ -207,7 +220,7 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
 @click.option("--install", is_flag=True, help="copy the aligned model into the pair directory")
 def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
             workers: int | None, device: str, max_update: int, hours: float, lr: float, warmup_updates: int,
-            max_tokens: int, dropout: float | None, average: int, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
+            max_tokens: int, dropout: float | None, average: int, kd_weight: float, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
             student_layers: str | None, name: str, install: bool) -> None:
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
@@ -225,7 +238,7 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
                    "--max-update", str(max_update), "--stop-time-hours", str(hours),
                    "--save-interval-updates", str(max(1, min(500, max_update))),
                    "--keep-interval-updates", str(average),
-                   *(["--dropout", str(dropout)] if dropout is not None else [])]
+                   *(["--dropout", str(dropout)] if dropout is not None else []), *criterion_flags(spec, kd_weight)]
         best = finetune(spec, small, bin_dir, workdir, options, threads)
         aligned = export_for_inference(last_interval_checkpoints(best.parent, average), workdir / name)
         echo(f"3/3 comparing {name} with {spec.small} on {dev_source}")

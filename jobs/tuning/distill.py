@@ -207,7 +207,7 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
                    "the lowest-validation-loss one; averaging smooths a flat end of training")
 @click.option("--word-kd", "kd_weight", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="step 2: weight of the big model's next-token distributions as soft targets (KL), against "
-                   "the cross-entropy on its outputs; each update also runs the big model (costs ~1.5x an update)")
+                   "the cross-entropy on its outputs; each update also runs the big model forward (no gradient)")
 @click.option("--threads", type=click.IntRange(min=1), help="step 2: training threads [OMP_NUM_THREADS]")
 @click.option("--eval-limit", type=click.IntRange(min=1), help="step 3: first N dev lines [all]")
 @click.option("--batch", "batch_texts", multiple=True, default=("1",), show_default=True,

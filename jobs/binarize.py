@@ -7,6 +7,7 @@ the `sacremoses` command line and fairseq's `--tokenizer moses` XML-escape quote
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,8 +15,16 @@ from pathlib import Path
 from bild_fairseq.pairdir import PairSpec
 
 
+#: in a DATA_BIN this command made: the files it wrote there, the only ones a rerun may replace
+MARKER = ".bild-binarize.json"
+
+
 class CommandFailed(RuntimeError):
     """An external command (fairseq-preprocess, fairseq-train) failed; the message ends with its log."""
+
+
+class BinarizeError(ValueError):
+    """The output directory holds files this command did not write; nothing was deleted."""
 
 
 def run_logged(cmd: list[str], log: Path, what: str, env: dict | None = None) -> None:
@@ -33,6 +42,7 @@ def binarize(spec: PairSpec, splits: dict[str, tuple[list[str], list[str] | None
     """Tokenize and BPE-encode each split's (sources, targets or None) with the pair's pipeline
     into ``scratch``, then ``fairseq-preprocess`` them into ``destdir`` with the pair's
     dictionaries (source only when no split has targets). Every line is kept, empty ones too."""
+    clear_earlier_output(destdir)
     pipeline = spec.text_pipeline()
     scratch.mkdir(parents=True, exist_ok=True)
     only_source = all(targets is None for _, targets in splits.values())
@@ -42,7 +52,8 @@ def binarize(spec: PairSpec, splits: dict[str, tuple[list[str], list[str] | None
         if targets is not None:
             _write(scratch / f"{split}.{spec.target_lang}", [pipeline.encode(t, target=True) for t in targets])
         prefixes += [f"--{split}pref", str(scratch / split)]
-    shutil.rmtree(destdir, ignore_errors=True)
+    destdir.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in destdir.iterdir()}
     dicts = {lang: spec.directory / f"dict.{lang}.txt" for lang in (spec.source_lang, spec.target_lang)}
     run_logged(["fairseq-preprocess", "--source-lang", spec.source_lang, "--target-lang", spec.target_lang,
                 *prefixes, "--destdir", str(destdir), "--srcdict", str(dicts[spec.source_lang]),
@@ -50,7 +61,35 @@ def binarize(spec: PairSpec, splits: dict[str, tuple[list[str], list[str] | None
                 "--workers", "1"], scratch / "preprocess.log", "fairseq-preprocess")
     if only_source:  # fairseq-generate loads both dictionaries from DATA_BIN
         shutil.copy(dicts[spec.target_lang], destdir / f"dict.{spec.target_lang}.txt")
+    written = sorted({p.name for p in destdir.iterdir()} - before)
+    (destdir / MARKER).write_text(json.dumps({"files": written}, indent=1) + "\n", encoding="utf-8")
     return destdir
+
+
+def clear_earlier_output(destdir: Path) -> None:
+    """Delete what an earlier run of this command wrote in ``destdir`` (its marker lists it), and
+    nothing else: a directory the user filled (``--out .``, ``--out ~/data``) is refused."""
+    if not destdir.exists():
+        return
+    if not destdir.is_dir():
+        raise BinarizeError(f"--out {destdir} is a file: give a new or empty directory")
+    marker = destdir / MARKER
+    if not marker.is_file():
+        if any(destdir.iterdir()):
+            raise BinarizeError(f"--out {destdir} is not empty and was not made by bild-jobs binarize: "
+                                "give a new or empty directory (nothing was deleted)")
+        return
+    try:
+        names = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        if not isinstance(names, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise BinarizeError(f"{marker} is damaged: delete the files of {destdir} you no longer need, "
+                            "and the marker, yourself") from None
+    for name in names:
+        if Path(name).name == name:  # a plain file name: never a path out of destdir
+            (destdir / name).unlink(missing_ok=True)
+    marker.unlink()
 
 
 def _write(path: Path, lines: list[str]) -> None:

@@ -277,7 +277,8 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
 @main.command(short_help="Make a fairseq DATA_BIN from raw text with the pair's own tokenization and BPE.")
 @click.argument("input_path", metavar="INPUT", type=EXISTING_FILE)
 @click.option("--pair", "pair_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "-o", "destdir", required=True, type=PATH, help="the data directory to (re)create")
+@click.option("--out", "-o", "destdir", required=True, type=PATH,
+              help="the data directory: new, empty, or an earlier binarize output (only its files are replaced)")
 @click.option("--ref", type=EXISTING_FILE, help="references, line-aligned with INPUT (fairseq-generate then scores)")
 @click.option("--split", default="test", show_default=True, help="fairseq split name (fairseq-generate --gen-subset)")
 def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, split: str) -> None:
@@ -287,7 +288,7 @@ def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, 
     import tempfile
 
     from bild_fairseq.pairdir import PairDirError, PairSpec
-    from jobs.binarize import CommandFailed, binarize as make_data_bin
+    from jobs.binarize import BinarizeError, CommandFailed, binarize as make_data_bin
     from jobs.shards import read_lines
 
     try:
@@ -299,7 +300,7 @@ def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, 
                                    "a reference must be line-aligned with the input")
         with tempfile.TemporaryDirectory(prefix="bild-binarize-") as scratch:
             make_data_bin(spec, {split: (sources, targets)}, destdir, Path(scratch))
-    except (PairDirError, CommandFailed) as e:
+    except (PairDirError, CommandFailed, BinarizeError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(_os_error(e)) from None

@@ -151,3 +151,26 @@ def test_bild_jobs_binarize_makes_data_bin_with_the_pairs_own_encoding(tiny_pair
     sources = {line.split("\t")[0]: line.split("\t", 1)[1] for line in proc.stdout.splitlines() if line.startswith("S-")}
     assert sources["S-0"].count('"') == 2 and " & " in sources["S-0"]
     assert "&quot;" not in proc.stdout and "&amp;" not in proc.stdout and "&apos;" not in proc.stdout
+
+    # a rerun replaces only the files it wrote: the user's own file in DATA_BIN stays
+    (tmp_path / "bin" / "notes.txt").write_text("mine")
+    again = CliRunner().invoke(main, ["binarize", str(src), "--pair", str(tiny_pair), "--out", str(tmp_path / "bin")])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "bin" / "notes.txt").read_text() == "mine" and (tmp_path / "bin" / "test.de-en.de.bin").is_file()
+
+
+def test_bild_jobs_binarize_never_deletes_a_directory_it_did_not_make(tiny_pair, tmp_path):
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    src = tmp_path / "raw.de"
+    src.write_text("Klicken Sie auf OK.\n", encoding="utf-8")
+    for out in (tmp_path, tmp_path / "src-copy"):  # `--out .`, and a file given as the directory
+        if out != tmp_path:
+            out.write_text("a file")
+        refused = CliRunner().invoke(main, ["binarize", str(src), "--pair", str(tiny_pair), "--out", str(out)])
+        assert refused.exit_code == 1 and "Traceback" not in refused.output
+        assert f"--out {out} is" in refused.output and "give a new or empty directory" in refused.output
+    assert src.read_text(encoding="utf-8") == "Klicken Sie auf OK.\n"
+    assert (tmp_path / "src-copy").read_text() == "a file"

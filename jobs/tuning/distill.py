@@ -39,7 +39,7 @@ import bild_fairseq
 from bild_fairseq.checkpoints import CheckpointError, export_for_inference, last_interval_checkpoints, model_settings
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
-from jobs.binarize import CommandFailed, binarize, run_logged
+from jobs.binarize import BinarizeError, CommandFailed, binarize, run_logged
 from jobs.collect import CollectError
 from jobs.config import ConfigError, Decoding
 from jobs.executors.local import LocalExecutor, plan_slots
@@ -246,7 +246,7 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
                       (SmallModel(), SmallModel(name)))
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
     except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
-            WorkDirError, CollectError, CommandFailed, ShrinkError, CheckpointError) as e:
+            WorkDirError, CollectError, CommandFailed, BinarizeError, ShrinkError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     report = "\n".join(["## Aligned small model", "", *comparison(result, spec.small, name), "", *render_suite(result)])
     (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

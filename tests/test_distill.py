@@ -108,3 +108,31 @@ def test_a_student_of_the_big_models_own_layers(tiny_pair, tmp_path):
 
 def flags_value(flags: list[str], name: str) -> str:
     return flags[flags.index(name) + 1]
+
+
+def test_distilling_again_never_overwrites_or_compares_a_model_with_itself(tiny_pair, tmp_path):
+    """The shipped pairs' small model is small-aligned.pt, the default --name: the documented
+    command run again must not fine-tune it into itself, nor replace it."""
+    from bild_fairseq.pairdir import PairSpec
+    from jobs.tuning.distill import install_model
+
+    pair = copy_pair(tiny_pair, tmp_path / "pair")
+    (pair / "small-aligned.pt").write_bytes((pair / "small.pt").read_bytes())
+    spec = PairSpec.load(pair)
+    spec.small = "small-aligned.pt"
+    spec.save()
+    args = ["--pair", str(pair), "--train-source", str(pair / "pair.json"), "--dev-source", str(pair / "pair.json"),
+            "--dev-ref", str(pair / "pair.json"), "--workdir", str(tmp_path / "work"), "--device", "cpu"]
+    same = CliRunner().invoke(distill, args)
+    assert same.exit_code == 2 and "--name small-aligned.pt is the --from model" in same.output
+    existing = CliRunner().invoke(distill, [*args, "--from", "small.pt"])
+    assert existing.exit_code == 2 and f"{pair} already has that model" in existing.output and "--replace" in existing.output
+    assert not (tmp_path / "work").exists()  # refused before any work
+
+    aligned = tmp_path / "new.pt"
+    aligned.write_bytes(b"new model")
+    kept = install_model(aligned, pair / "small-aligned.pt")
+    assert (pair / "small-aligned.pt").read_bytes() == b"new model"
+    assert kept.parent == pair and kept.name.startswith("small-aligned.replaced-")
+    assert kept.read_bytes() == (pair / "small.pt").read_bytes()
+    assert install_model(aligned, pair / "fresh.pt") is None and (pair / "fresh.pt").read_bytes() == b"new model"

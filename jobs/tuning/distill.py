@@ -21,8 +21,11 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
         --workdir data/work/deen-distill [--limit 20000] [--max-update 2000] [--install]
         [--student-layers 0/0-3]    # the big decoder's layer 0 and its encoder layers 0-3
 
-Writes WORKDIR/small-aligned.pt, WORKDIR/report.{json,md}; --install copies the model into the
-pair directory (use it with --small-checkpoint small-aligned.pt).
+Writes WORKDIR/NAME (--name, default small-aligned.pt), WORKDIR/report.{json,md}; --install copies
+the model into the pair directory (use it with --small-checkpoint NAME). It starts from --from
+(default: pair.json's small model, which in the shipped pairs is already small-aligned.pt: give
+--from small.pt and another --name to distil again). A NAME the pair directory already has is
+refused unless --replace; --install then keeps the old file as NAME.replaced-TIME.pt.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -142,11 +146,11 @@ def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options:
     return best
 
 
-def student(spec: PairSpec, layers: str | None, workdir: Path) -> Path:
-    """The model step 2 starts from: the pair's small model, or (``layers`` "DEC[/ENC]") the big
-    model shrunk to those layers."""
+def student(spec: PairSpec, layers: str | None, workdir: Path, start: str = "small") -> Path:
+    """The model step 2 starts from: the pair's model ``start`` (its small model by default), or
+    (``layers`` "DEC[/ENC]") the big model shrunk to those layers."""
     if layers is None:
-        return spec.model_path("small")
+        return spec.model_path(start)
     decoder, _, encoder = layers.partition("/")
     return shrink(spec.model_path("big"), workdir / "student-init.pt", parse_layers(decoder),
                   parse_layers(encoder) if encoder else None)
@@ -165,15 +169,39 @@ def evaluation_pair(spec: PairSpec, aligned: Path, workdir: Path, name: str) -> 
     return pair
 
 
-def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
+def check_names(spec: PairSpec, start: str, name: str, replace: bool) -> None:
+    """Refuse, before any work, an aligned model that would be compared with itself (``name`` is
+    the model it starts from) or would silently take the place of one of the pair's models."""
+    if name == start:
+        raise click.UsageError(f"--name {name} is the --from model, the one it starts from and is compared "
+                               f"with: give the aligned model another --name, e.g. {Path(name).stem}-2.pt")
+    if (spec.directory / name).exists() and not replace:
+        raise click.UsageError(f"--name {name}: {spec.directory} already has that model; give another --name, or "
+                               "--replace to replace it (--install keeps the old file beside it)")
+
+
+def install_model(aligned: Path, target: Path) -> Path | None:
+    """Copy ``aligned`` to ``target`` atomically; an existing ``target`` is kept, renamed with the
+    time (returned), so installing never destroys a model."""
+    tmp = target.with_name(f".{target.name}.installing")
+    shutil.copyfile(aligned, tmp)
+    kept = None
+    if target.exists():
+        kept = target.with_name(f"{target.stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}{target.suffix}")
+        target.rename(kept)
+    tmp.rename(target)
+    return kept
+
+
+def comparison(suite: dict, unaligned: SmallModel, aligned: SmallModel, default_small: str) -> list[str]:
     """Markdown: the unaligned and the aligned small model side by side (first batching)."""
     rows = {r["variant"]: r for r in suite["rows"] if r["batching"] == suite["rows"][0]["batching"]}
     metric = {"translation": "BLEU", "summarization": "ROUGE-L"}[suite["task"]]
-    suffix = "@" + Path(aligned).stem
     header = ["small model", "agreement", f"small alone {metric}", "BiLD default: × big", "fallback", "rollback",
               "big tokens", "BiLD exact: × big"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, s in ((unaligned, ""), (aligned, suffix)):
+    for model in (unaligned, aligned):
+        label, s = model.checkpoint or default_small, model.suffix
         share = suite["agreement"][label]
         d, e = rows[f"bild-default{s}"], rows[f"bild-exact{s}"]
         lines.append(f"| {label} | {100 * share:.1f}% | {rows['small' + s]['scores'][metric]:.2f} | "
@@ -216,18 +244,26 @@ def comparison(suite: dict, unaligned: str, aligned: str) -> list[str]:
 @click.option("--student-layers", metavar="DEC[/ENC]",
               help="step 2: start from the big model's own layers instead of the pair's small model: the big "
                    "decoder's layers DEC (e.g. 0 or 0,4) and encoder layers ENC (e.g. 0-1) [whole encoder]")
-@click.option("--name", default="small-aligned.pt", show_default=True, help="file name of the aligned model")
-@click.option("--install", is_flag=True, help="copy the aligned model into the pair directory")
+@click.option("--from", "start", metavar="FILE", help="step 2: the pair's model file to fine-tune [pair.json's small]")
+@click.option("--name", default="small-aligned.pt", show_default=True,
+              help="file name of the aligned model; not the --from model, nor (without --replace) any file of the pair")
+@click.option("--replace", is_flag=True, help="allow a --name the pair directory already has")
+@click.option("--install", is_flag=True, help="copy the aligned model into the pair directory (an older file of "
+              "that name is kept as NAME.replaced-TIME.pt)")
 def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
             workers: int | None, device: str, max_update: int, hours: float, lr: float, warmup_updates: int,
             max_tokens: int, dropout: float | None, average: int, kd_weight: float, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
-            student_layers: str | None, name: str, install: bool) -> None:
+            student_layers: str | None, start: str | None, name: str, replace: bool, install: bool) -> None:
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         spec = PairSpec.load(pair_dir)
+        if start is not None and student_layers is not None:
+            raise click.UsageError("--from and --student-layers both choose the model to fine-tune: give one")
+        start = start or spec.small
+        check_names(spec, start, name, replace)
         batchings = [Batching.parse(b) for b in batch_texts]
         workdir.mkdir(parents=True, exist_ok=True)
-        small = student(spec, student_layers, workdir)  # before step 1: a wrong layer list fails at once
+        small = student(spec, student_layers, workdir, start)  # before step 1: a wrong layer list fails at once
         echo(f"1/3 the big model decodes {train_source}" + (f" (first {limit} lines)" if limit else ""))
         source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device, "teacher")
         _, dev_teacher = teacher_outputs(spec, dev_source, None, workdir, workers, device, "dev-teacher")
@@ -241,20 +277,22 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
                    *(["--dropout", str(dropout)] if dropout is not None else []), *criterion_flags(spec, kd_weight)]
         best = finetune(spec, small, bin_dir, workdir, options, threads)
         aligned = export_for_inference(last_interval_checkpoints(best.parent, average), workdir / name)
-        echo(f"3/3 comparing {name} with {spec.small} on {dev_source}")
-        suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref,
-                      (SmallModel(), SmallModel(name)))
+        echo(f"3/3 comparing {name} with {start} on {dev_source}")
+        models = (SmallModel(None if start == spec.small else start), SmallModel(name))
+        suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref, models)
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
     except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
             WorkDirError, CollectError, CommandFailed, BinarizeError, ShrinkError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
-    report = "\n".join(["## Aligned small model", "", *comparison(result, spec.small, name), "", *render_suite(result)])
+    report = "\n".join(["## Aligned small model", "", *comparison(result, *models, spec.small), "",
+                        *render_suite(result)])
     (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     (workdir / "report.md").write_text(report, encoding="utf-8")
     click.echo(report)
     if install:
-        shutil.copy(aligned, spec.directory / name)
-        echo(f"installed {spec.directory / name}: decode with --small-checkpoint {name}")
+        kept = install_model(aligned, spec.directory / name)
+        echo(f"installed {spec.directory / name}: decode with --small-checkpoint {name}"
+             + (f" (the previous one is kept as {kept})" if kept else ""))
 
 
 if __name__ == "__main__":

@@ -7,17 +7,21 @@
     shards/00003.json    its record (jobs.workdir.ShardRecord) } a record "done" means both exist,
                          and carries the output's line count and sha256, checked before use
     shards/00003.progress  lines decoded so far by a running worker
+    shards/00003.parts/    a running shard's finished chunks (NNNNNNNNN.out + .json, written like
+                           the shard's own files): a rerun continues after the last one
     logs/shard-00003.local-2.log, logs/shard-00003.slurm-<jobid>.log   worker output per attempt
     slurm/               submitted job scripts and job ids
     digests.json         content digests keyed by (path, size, mtime), so resume need not rehash
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,15 +31,19 @@ T = TypeVar("T")
 
 
 @contextmanager
-def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO]:
+def atomic_writer(path: Path, mode: str = "w", before_replace: Callable[[], None] | None = None) -> Iterator[IO]:
     """Write ``path`` through a temporary file renamed over it once complete and synced, so a
-    killed writer never leaves a partial file under the final name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    killed writer never leaves a partial file under the final name. The temporary name holds the
+    host, the pid and a random part: array tasks on several nodes share one filesystem.
+    ``before_replace`` may raise to keep the file unpublished (a stale worker)."""
+    tmp = path.with_name(f".{path.name}.{os.uname().nodename}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except OSError as e:
         if e.filename is None or e.filename == str(tmp):  # a failed write names no file: name ours
@@ -128,6 +136,9 @@ class WorkDir:
     def progress(self, index: int) -> Path:
         return self.shards / f"{index:05d}.progress"
 
+    def parts(self, index: int) -> Path:
+        return self.shards / f"{index:05d}.parts"
+
     def record_path(self, index: int) -> Path:
         return self.shards / f"{index:05d}.json"
 
@@ -170,9 +181,10 @@ class WorkDir:
         return None
 
     def discard(self, index: int) -> None:
-        """Forget a shard's result (a damaged one, to recompute)."""
+        """Forget a shard's result (a damaged one, to recompute), its published chunks included."""
         for path in (self.record_path(index), self.output(index), self.progress(index)):
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.parts(index), ignore_errors=True)
 
     def write_record(self, record: ShardRecord) -> None:
         write_atomic(self.record_path(record.index), json.dumps(asdict(record), indent=1) + "\n")
@@ -229,6 +241,10 @@ class WorkDir:
             yield
 
 
+#: flock's errors on a file system mounted without lock support (Lustre without -o flock, NFS without lockd)
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
 @contextmanager
 def exclusive(lock_file: Path, what: str) -> Iterator[None]:
     """Hold ``lock_file`` (flock, released when the process dies), or fail naming its holder."""
@@ -239,6 +255,12 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
             f.seek(0)
             raise WorkDirError(f"{what} is in use by another bild-jobs process ({f.read().strip()}); "
                                "wait for it, or stop it first") from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                raise
+            raise WorkDirError(f"{what}: the file system of {lock_file.parent} does not support file locks "
+                               f"({e.strerror}): mount it with locks (Lustre: -o flock; NFS: with lockd running) "
+                               "or put it on a local disk") from None
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {os.uname().nodename}")
         f.flush()

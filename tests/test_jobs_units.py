@@ -120,6 +120,33 @@ def test_atomic_writer_leaves_nothing_behind_when_the_writer_dies(tmp_path):
     assert target.read_text() == "whole\n" and list(tmp_path.iterdir()) == [target]
 
 
+def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
+    """Array tasks on two nodes may have the same pid: the temporary name holds the host and a
+    random part too, so interleaved writers each publish a whole file."""
+    target = tmp_path / "00001.json"
+    with atomic_writer(target) as first:
+        with atomic_writer(target) as second:
+            second.write("second\n")
+        first.write("first\n")
+        assert os.uname().nodename in first.name and str(os.getpid()) in first.name
+    assert target.read_text() == "first\n" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_file_system_without_locks_is_named_as_such(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from jobs.workdir import WorkDirError
+
+    def no_locks(f, flags):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(WorkDirError, match=f"the file system of {tmp_path} does not support file locks .*-o flock"):
+        with WorkDir(tmp_path).lock():
+            pass
+
+
 def test_a_shard_is_done_only_with_a_done_record_of_this_config_and_its_output(tmp_path):
     wd = WorkDir(tmp_path)
     wd.create()

@@ -117,6 +117,7 @@ class RunConfig:
     max_tokens: int = 4096
     max_sentences: int | None = None
     device: str = "auto"
+    chunk_lines: int = 500  # a worker publishes its output every this many lines: a rerun resumes there
     hash: str = field(default="", compare=False)
 
     HASHED = ("input_sha256", "lines", "shards", "pair_fingerprint", "decoding")

@@ -45,6 +45,7 @@ class RunRequest:
     max_tokens: int = 4096
     max_sentences: int | None = None
     device: str = "auto"
+    chunk_lines: int = 500
 
 
 def check_writable(directory: Path, what: str) -> None:
@@ -95,7 +96,7 @@ def plan_run(wd: WorkDir, req: RunRequest, spec: PairSpec, fresh: bool, echo: Ca
                     pair_fingerprint=pair_fingerprint(spec, req.decoding,
                                                       lambda p: wd.cached("sha256", p, sha256_file)),
                     decoding=req.decoding.canonical(spec), output=str(req.output.absolute()), max_tokens=req.max_tokens,
-                    max_sentences=req.max_sentences, device=req.device)
+                    max_sentences=req.max_sentences, device=req.device, chunk_lines=req.chunk_lines)
     if previous is not None and previous.hash != cfg.hash:
         if not fresh:
             changes = "\n  ".join(cfg.differences(previous))

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,24 +54,25 @@ def test_three_cpu_workers_reproduce_a_single_process_run(tiny_pair, corpus, ref
 
 
 def _wait_for_worker_mid_shard(wd: WorkDir, shards: range, driver: subprocess.Popen, timeout: float = 120) -> int:
-    """The shard whose worker has decoded some but not all lines; returns its index."""
+    """The shard whose worker has published a chunk but not finished; returns its index."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert driver.poll() is None, driver.communicate()
         for i in shards:
             record = wd.read_record(i)
-            if record and record.status == "running" and 0 < wd.lines_in_progress(i) < record.lines:
+            if record and record.status == "running" and list(wd.parts(i).glob("*.json")):
                 return i
         time.sleep(0.02)
     raise AssertionError("no worker was seen mid-shard")
 
 
-def test_kill9_worker_mid_shard_then_rerun_redoes_only_that_shard(tiny_pair, corpus, reference_output, tmp_path):
+def test_kill9_worker_mid_shard_then_rerun_continues_after_its_last_chunk(tiny_pair, corpus, reference_output,
+                                                                         tmp_path):
     src, _ = corpus
     out, wd = tmp_path / "out.en", WorkDir(tmp_path / "work")
-    # small batches: progress is reported long before a shard ends
+    # small chunks: the worker publishes its first lines long before the shard ends
     cmd = [str(BILD_JOBS), "run", str(src), "--pair", str(tiny_pair), "-o", str(out), "-w", str(wd.root),
-           "--workers", "2", "--shards", "2", "--device", "cpu", "--max-tokens", "150", "--retries", "0"]
+           "--workers", "2", "--shards", "2", "--device", "cpu", "--chunk-lines", "20", "--retries", "0"]
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = _wait_for_worker_mid_shard(wd, range(2), driver)
     os.kill(wd.read_record(victim).pid, signal.SIGKILL)
@@ -95,7 +97,10 @@ def test_kill9_worker_mid_shard_then_rerun_redoes_only_that_shard(tiny_pair, cor
     assert "1 done, 1 to run" in rerun.stderr
     assert {i: (wd.output(i).stat().st_mtime_ns, wd.read_record(i).attempt) for i in others} == before
     assert wd.read_record(victim).attempt == 2
+    assert wd.read_record(victim).resumed_lines >= 20  # the published chunks were not decoded again
+    assert "resuming after its first" in wd.local_log(victim, 2).read_text()
     assert read_output(out) == reference_output  # complete, nothing duplicated or reordered
+    assert not wd.parts(victim).exists()
     assert not list(wd.shards.glob(".*.tmp"))
     again = CliRunner().invoke(main, ["collect", str(wd.root), "-o", str(tmp_path / "again.en")])
     assert again.exit_code == 0, again.output
@@ -300,3 +305,37 @@ def test_two_runs_may_not_write_one_output(tiny_pair, tmp_path):
         second = CliRunner().invoke(main, ["run", str(src), "--pair", str(tiny_pair), "-o", str(out),
                                            "--workdir", str(tmp_path / "other.work"), "--device", "cpu"])
     assert second.exit_code == 1 and f"the output {out} is in use by another bild-jobs process" in second.output
+
+
+def test_a_local_worker_dies_with_its_driver_without_preexec_fn(tmp_path, monkeypatch):
+    """The parent-death signal is armed in the worker itself: ``preexec_fn`` runs Python between
+    fork and exec, a deadlock hazard in a driver with threads (tqdm, torch)."""
+    from jobs.executors.local import LocalExecutor
+
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kwargs: started.append((cmd, kwargs)))
+    wd = WorkDir(tmp_path / "w")
+    wd.create()
+    wd.queue(0, range(0, 1), "h")
+    LocalExecutor(wd, ["python"], [{}]).submit([0])
+    (cmd, kwargs), = started
+    assert "preexec_fn" not in kwargs and cmd[-2:] == ["--die-with", str(os.getpid())]
+    monkeypatch.undo()
+
+    middle = subprocess.Popen(["sh", "-c", f"{sys.executable} -c 'import os, time; from jobs.worker import die_with; "
+                               "die_with(os.getppid()); print(os.getpid(), flush=True); time.sleep(60)' & wait"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    worker = int(middle.stdout.readline())
+    middle.kill()
+    middle.wait()
+    deadline = time.monotonic() + 20
+    while _alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived its parent"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie is dead: this container's init may reap it late
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -14,7 +14,7 @@ from jobs.config import ConfigError, Decoding, RunConfig
 from jobs.executors.slurm import SlurmExecutor, SlurmOptions, array_spec
 from jobs.manifest import merge_stats
 from jobs.shards import decode_line, iter_lines, plan, scan
-from jobs.worker import translate_isolating
+from jobs.worker import BatchSize, IsolatingDecoder, ProgressFile, run_shard
 from jobs.workdir import ShardRecord, WorkDir, atomic_writer
 
 # CRLF, an empty line, invalid UTF-8, a form feed and U+2028 (line breaks to str.splitlines,
@@ -194,36 +194,91 @@ class _Out:
 
 
 class _FakeTranslator:
-    """Upper-cases lines; raises on any batch holding a line with "BOOM"."""
+    """Upper-cases lines, reporting progress line by line; raises on any batch holding a line with
+    "BOOM", and raises ``inject[k]`` on its k-th call (an environment fault that passes)."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, inject: dict[int, Exception] | None = None):
+        self.calls, self.inject, self.seen, self.batches = 0, inject or {}, [], []
 
-    def translate(self, lines, progress=None, **kwargs):
+    def translate(self, lines, progress=None, max_tokens=4096, max_sentences=None):
         self.calls += 1
-        if any("BOOM" in line for line in lines):
-            raise RuntimeError("cannot decode this\nsecond line of the message")
-        progress(len(lines))
+        self.batches.append((max_tokens, max_sentences))
+        if self.calls in self.inject:
+            raise self.inject[self.calls]
+        for line in lines:
+            if "BOOM" in line:
+                raise RuntimeError("cannot decode this\nsecond line of the message")
+            progress(1)
+        self.seen += lines
         return _Out([line.upper() for line in lines], [], {"sentences": len(lines), "tokens": 2 * len(lines)})
 
+    def config_dict(self) -> dict:
+        return {"mode": "fake"}
 
-def test_lines_the_decoder_cannot_process_get_empty_outputs_and_issues():
+
+class _Progress(ProgressFile):
+    """Records what it would show after each report."""
+
+    def __init__(self, path: Path, total: int):
+        super().__init__(path, total)
+        self.shown = []
+
+    def __call__(self, lines: int) -> None:
+        super().__call__(lines)
+        self.shown.append(self.done + self.pending)
+
+
+def _decoder(translator, tmp_path, n: int, max_tokens: int = 4096) -> IsolatingDecoder:
+    return IsolatingDecoder(translator, _Progress(tmp_path / "progress", n), BatchSize(max_tokens))
+
+
+def test_lines_the_decoder_cannot_process_get_empty_outputs_and_issues_and_count_once(tmp_path):
     lines = [f"line {i}" for i in range(20)]
     lines[3] = lines[17] = "BOOM"
-    seen = []
-    hyps, issues, stats = translate_isolating(_FakeTranslator(), lines, 0, seen.append, [])
+    decoder = _decoder(_FakeTranslator(), tmp_path, len(lines))
+    hyps, issues, stats = decoder.decode(lines, 0)
     assert hyps == ["" if line == "BOOM" else line.upper() for line in lines]
     error = "RuntimeError: cannot decode this"  # the headline; the whole message goes to the log
     assert issues == [[3, "failed", error], [17, "failed", error]]
     assert merge_stats(stats)["sentences"] == 18
+    # lines decoded again while bisecting count once: the progress reaches 18 with the last line
+    shown = decoder.progress.shown
+    assert decoder.progress.done == 18 and max(shown) == 18 and shown.index(18) == len(shown) - 1
 
 
-def test_a_decoder_failing_on_every_line_fails_the_shard_instead_of_emptying_it():
-    lines = ["BOOM"] * 100
+def test_a_decoder_failing_on_every_line_fails_the_shard_instead_of_emptying_it(tmp_path):
     translator = _FakeTranslator()
     with pytest.raises(RuntimeError, match="cannot decode"):
-        translate_isolating(translator, lines, 0, lambda n: None, [])
+        _decoder(translator, tmp_path, 100).decode(["BOOM"] * 100, 0)
     assert translator.calls < 100  # gave up early
+
+
+def test_a_transient_fault_is_never_charged_to_a_line(tmp_path, capsys):
+    """Out of memory on the first 8 calls (none after): the batch shrinks, every line is decoded."""
+    import torch
+
+    lines = [f"line {i}" for i in range(30)]
+    oom = {k: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") for k in range(1, 9)}
+    translator = _FakeTranslator(oom)
+    decoder = _decoder(translator, tmp_path, len(lines), max_tokens=4096)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # 8 halvings reach one sentence per batch: the shard fails
+        decoder.decode(lines, 0)
+    assert decoder.failed == [] and translator.batches[-1] == (32, 1)
+    translator = _FakeTranslator({k: RuntimeError("DefaultCPUAllocator: can't allocate memory") for k in range(1, 4)})
+    decoder = _decoder(translator, tmp_path, len(lines))
+    hyps, issues, _ = decoder.decode(lines, 0)
+    assert hyps == [line.upper() for line in lines] and issues == []
+    assert translator.batches == [(4096, None), (2048, None), (1024, None), (512, None)]
+    assert "out of memory at --max-tokens 1024 (RuntimeError: DefaultCPUAllocator" in capsys.readouterr().out
+    # a fault that passes on a one-line call: the line is decoded again, not emptied
+    translator = _FakeTranslator({1: RuntimeError("flaky")})
+    assert _decoder(translator, tmp_path, 1).decode(["eins"], 0)[:2] == (["EINS"], [])
+    # the machine's faults fail the shard, to be retried: no line is charged
+    for error in (OSError(5, "Input/output error"), MemoryError(), RuntimeError("CUDA error: an illegal memory access")):
+        decoder = _decoder(_FakeTranslator({1: error}), tmp_path, len(lines))
+        with pytest.raises(type(error)):
+            decoder.decode(lines, 0)
+        assert decoder.failed == []
 
 
 def test_merge_stats_recomputes_ratios_from_sums():
@@ -341,3 +396,89 @@ def test_the_pair_fingerprint_covers_the_pair_json_settings_the_output_depends_o
         assert pair_fingerprint(longer, decoding, digest) != pair_fingerprint(spec, decoding, digest)
     assert set(pair_fingerprint(spec, big, digest)) == {"pair.json", "dict.de.txt", "dict.en.txt", "big.pt",
                                                          "bpe.codes"}
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing in the worker catches it."""
+
+
+@pytest.fixture
+def shard_run(tmp_path, monkeypatch):
+    """A one-shard work directory of 10 lines (chunks of 4), whose worker gets the translator the
+    test sets in ``translators`` (one per attempt)."""
+    from bild_fairseq import api
+
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"line {i}\n" for i in range(10)))
+    wd = WorkDir(tmp_path / "work")
+    wd.create()
+    cfg = _config(input=str(src), lines=10, shards=1, device="cpu", chunk_lines=4)
+    cfg.save(wd.config)
+    translators: list = []
+    monkeypatch.setattr(api.PairTranslator, "from_pair_dir", classmethod(lambda cls, *a, **k: translators.pop(0)))
+    return wd, cfg, translators
+
+
+def test_a_rerun_continues_after_the_last_published_chunk(shard_run):
+    wd, cfg, translators = shard_run
+
+    class DiesOnThirdCall(_FakeTranslator):
+        def translate(self, lines, **kwargs):
+            if self.calls == 2:
+                raise _Killed
+            return super().translate(lines, **kwargs)
+
+    translators += [DiesOnThirdCall(), _FakeTranslator()]
+    with pytest.raises(_Killed):
+        run_shard(wd, 0, None)
+    assert not wd.output(0).exists() and sorted(p.name for p in wd.parts(0).iterdir()) == \
+        ["000000000.json", "000000000.out", "000000004.json", "000000004.out"]
+    record = run_shard(wd, 0, None)
+    assert record.status == "done" and record.resumed_lines == 8 and translators == []
+    assert wd.output(0).read_text() == "".join(f"LINE {i}\n" for i in range(10))
+    assert record.stats["sentences"] == 10 and not wd.parts(0).exists() and wd.damage(0, cfg.hash) is None
+
+
+def test_a_worker_of_a_replaced_run_publishes_nothing(shard_run):
+    """``--fresh`` replaced the configuration while the worker decoded: its result would mix runs."""
+    wd, cfg, translators = shard_run
+
+    class FreshRunStarts(_FakeTranslator):
+        def translate(self, lines, **kwargs):
+            newer = _config(input=cfg.input, lines=10, shards=1, decoding=Decoding(fallback_threshold=0.1))
+            newer.save(wd.config)
+            wd.queue(0, range(0, 10), newer.hash)
+            return super().translate(lines, **kwargs)
+
+    translators.append(FreshRunStarts())
+    record = run_shard(wd, 0, None)
+    assert record.status == "failed" and "configuration changed while this worker decoded" in record.error
+    assert not wd.output(0).exists() and not list(wd.parts(0).glob("*"))
+    assert wd.read_record(0).status == "queued" and wd.read_record(0).config_hash != cfg.hash
+
+
+def test_the_records_checksum_is_of_the_bytes_the_worker_wrote(shard_run, monkeypatch):
+    """Another writer that replaces the output right after the rename is caught, not vouched for."""
+    import jobs.workdir
+
+    wd, cfg, translators = shard_run
+    translators.append(_FakeTranslator())
+    real_replace = os.replace
+
+    def replace_then_overwrite(src, dst):
+        real_replace(src, dst)
+        if Path(dst) == wd.output(0):
+            Path(dst).write_text("a stale worker's lines\n" * 10)
+
+    monkeypatch.setattr(jobs.workdir.os, "replace", replace_then_overwrite)
+    assert run_shard(wd, 0, None).status == "done"
+    assert "was changed after the worker wrote it" in wd.damage(0, cfg.hash)
+
+
+def test_an_environment_fault_fails_the_shard_for_a_retry_without_charging_lines(shard_run):
+    wd, cfg, translators = shard_run
+    translators.append(_FakeTranslator({2: OSError(5, "Input/output error")}))
+    record = run_shard(wd, 0, None)
+    assert record.status == "failed" and record.retryable and "Input/output error" in record.error
+    assert record.issues == [] and not wd.output(0).exists()
+    assert [p.name for p in wd.parts(0).glob("*.json")] == ["000000000.json"]  # kept for the retry

@@ -1,7 +1,6 @@
 """Workers as child processes of the driver: one per GPU, or several CPU workers without one."""
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -15,7 +14,6 @@ from jobs.executors.base import Ended, Executor
 from jobs.workdir import WorkDir
 
 TERMINATE_GRACE_S = 10.0
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 THREADS_PER_CPU_WORKER = 4  # default CPU split: fewer, wider workers keep model copies in RAM few
 
 
@@ -76,11 +74,12 @@ class LocalExecutor(Executor):
             shard = self.queue.popleft()
             log = self.wd.local_log(shard, self.wd.read_record(shard).attempt)  # queued by the driver
             log_file = open(log, "ab")
-            # own session: Ctrl-C reaches the driver only, which then stops the workers itself
-            process = subprocess.Popen([*self.worker_command(), str(shard), "--log", str(log)],
+            # own session: Ctrl-C reaches the driver only, which then stops the workers itself;
+            # --die-with: the worker ends with the driver, even one killed by SIGKILL
+            process = subprocess.Popen([*self.worker_command(), str(shard), "--log", str(log),
+                                        "--die-with", str(os.getpid())],
                                        env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log_file,
-                                       stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+                                       stderr=subprocess.STDOUT, start_new_session=True)
             self.running[slot] = _Running(shard, process, log, log_file)
 
     def poll(self) -> list[Ended]:
@@ -112,12 +111,6 @@ class LocalExecutor(Executor):
         stopped = len(self.running)
         self.running.clear()
         return f"stopped {stopped} local worker(s)"
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the driver dies, even by SIGKILL, so no orphan decodes a shard
-    that a rerun then starts again."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _exit_reason(code: int) -> str:

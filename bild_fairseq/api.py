@@ -52,10 +52,12 @@ class PairTranslator:
                       wait_share: float | None = None, max_wait: int | None = None,
                       verify_drafting: bool | None = None,
                       beam: int = 1, device: str = "cpu", fp16: bool = False,
-                      max_len_a: float | None = None, max_len_b: int | None = None) -> "PairTranslator":
+                      max_len_a: float | None = None, max_len_b: int | None = None,
+                      engine: str = "torch", int8: bool = False, onnx_cache: str | None = None) -> "PairTranslator":
         """Load a pair directory. ``mode`` "big"/"small" decode with one model (baselines).
         ``small_checkpoint``/``big_checkpoint`` replace the pair's models: a file name in the
-        directory, or a path elsewhere (e.g. a training checkpoint trained on the pair's dictionaries)."""
+        directory, or a path elsewhere (e.g. a training checkpoint trained on the pair's dictionaries).
+        ``engine``/``int8``/``onnx_cache``: the runtime of greedy decoding (bild_fairseq.engines)."""
         from fairseq.sequence_generator import SequenceGenerator
         from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
@@ -83,16 +85,22 @@ class PairTranslator:
         check_settings(bild)
         gen = {"max_len_a": spec.generation.get("max_len_a", 0), "max_len_b": spec.generation.get("max_len_b", 200)}
         gen.update({k: v for k, v in {"max_len_a": max_len_a, "max_len_b": max_len_b}.items() if v is not None})
-        settings = {"pair": str(Path(pair_dir).resolve()), "mode": mode, "models": [p.name for p in files],
-                    "beam": beam, "fp16": fp16, **gen}
+        if beam != 1 and (engine != "torch" or int8):
+            raise BildOptionError(f"--engine {engine}{' --int8' if int8 else ''} decodes greedily: beam must be 1")
+        runtime = {"engine": engine, "int8": int8, "onnx_cache": onnx_cache}
         if mode == "bild":
-            settings.update(exact=exact, **bild)
             generator = BildSequenceGenerator(models[:1], task.target_dictionary, small_model=models[1],
-                                              exact=exact, beam_size=1, **bild, **gen)
+                                              exact=exact, beam_size=1, **bild, **gen, **runtime)
         elif beam == 1:  # the project's own greedy loop: the big-only baseline of BiLD
-            generator = BildSequenceGenerator(models, task.target_dictionary, beam_size=1, **gen)
+            generator = BildSequenceGenerator(models, task.target_dictionary, beam_size=1, **gen, **runtime)
         else:
             generator = SequenceGenerator(models, task.target_dictionary, beam_size=beam, **gen)
+        settings = {"pair": str(Path(pair_dir).resolve()), "mode": mode, "models": [p.name for p in files],
+                    "beam": beam, "fp16": fp16, **gen}
+        if isinstance(generator, BildSequenceGenerator):  # the engine that actually runs (after fallback)
+            settings.update(engine=generator.big.name, precision=generator.big.precision)
+        if mode == "bild":
+            settings.update(exact=exact, **bild)
         max_src = min(m.max_positions()[0] for m in models)
         return cls(spec, task, generator, max_src, settings, device)
 

@@ -40,7 +40,8 @@ from torch import Tensor
 from fairseq.sequence_generator import SequenceGenerator
 
 from bild_fairseq.config import BildOptionError, check_batch_policy, check_thresholds
-from bild_fairseq.incremental import DecoderCache, IncrementalDecoder
+from bild_fairseq.engines import build_engine
+from bild_fairseq.incremental import DecoderCache
 from bild_fairseq.policies import big_pass_due, fallback, first_rollback
 from bild_fairseq.rules import SearchRules
 from bild_fairseq.stats import BildStats
@@ -54,7 +55,8 @@ class BildSequenceGenerator(SequenceGenerator):
 
     def __init__(self, models, tgt_dict, small_model=None, fallback_threshold: float = 0.6,
                  rollback_threshold: float = 5.0, max_small_steps: int = 10, exact: bool = False,
-                 wait_share: float = 0.0, max_wait: int = 1000, verify_drafting: bool = False, **kwargs):
+                 wait_share: float = 0.0, max_wait: int = 1000, verify_drafting: bool = False,
+                 engine: str = "torch", int8: bool = False, onnx_cache: str | None = None, **kwargs):
         if kwargs.get("beam_size", 1) != 1:
             raise BildOptionError(f"BiLD decodes greedily: use --beam 1 (got --beam {kwargs['beam_size']})")
         if len(models) != 1:
@@ -66,9 +68,6 @@ class BildSequenceGenerator(SequenceGenerator):
         check_thresholds(fallback_threshold, rollback_threshold, max_small_steps)
         check_batch_policy(wait_share, max_wait)
         super().__init__(models, tgt_dict, **kwargs)
-        self.big = IncrementalDecoder(models[0].decoder)
-        self.small_model = small_model
-        self.small = IncrementalDecoder(small_model.decoder) if small_model is not None else None
         if small_model is not None:
             small_model.eval()
             self.max_len = min(self.max_len, small_model.max_decoder_positions())
@@ -77,6 +76,9 @@ class BildSequenceGenerator(SequenceGenerator):
                 raise BildOptionError(
                     f"the small model's target dictionary has {small_vocab} entries but the big model's has "
                     f"{len(tgt_dict)}: BiLD needs both models trained on the same (joined) dictionary")
+        self.small_model = small_model
+        self.big = build_engine(models[0], engine, int8, onnx_cache)
+        self.small = build_engine(small_model, engine, int8, onnx_cache) if small_model is not None else None
         self.fallback_threshold = fallback_threshold
         self.rollback_threshold = rollback_threshold
         self.max_small_steps = max_small_steps
@@ -95,18 +97,18 @@ class BildSequenceGenerator(SequenceGenerator):
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
         bsz, device = src_tokens.size(0), src_tokens.device
-        src_lengths = (src_tokens.ne(self.eos) & src_tokens.ne(self.pad)).long().sum(dim=1)
+        words = (src_tokens.ne(self.eos) & src_tokens.ne(self.pad)).long().sum(dim=1)
         # per-sentence max length (fairseq uses the padded batch length, which makes a sentence's
         # output depend on its batch when max_len_a > 0)
-        max_len = torch.clamp((self.max_len_a * src_lengths.float() + self.max_len_b).long(), max=self.max_len - 1)
+        max_len = torch.clamp((self.max_len_a * words.float() + self.max_len_b).long(), max=self.max_len - 1)
         if self.min_len > int(max_len.min()):
             raise BildOptionError("min_len cannot be larger than max_len, please adjust these!")
         if self.rules.bias.device != device:
             self.rules.to(device)
 
-        big_cache = self.big.start(self.model.single_model.encoder.forward_torchscript(net_input))
-        small_cache = (self.small.start(self.small_model.encoder.forward_torchscript(net_input))
-                       if self.small is not None else None)
+        src_lengths = net_input["src_lengths"]
+        big_cache = self.big.start(src_tokens, src_lengths)
+        small_cache = self.small.start(src_tokens, src_lengths) if self.small is not None else None
         caches = [c for c in (big_cache, small_cache) if c is not None]
         state = _BatchState(bsz, int(max_len.max()) + 3, device, self.eos if bos_token is None else bos_token, max_len)
         hypotheses: list[list[dict]] = [[] for _ in range(bsz)]
@@ -174,7 +176,7 @@ class BildSequenceGenerator(SequenceGenerator):
             lprobs = self.big.step(cache, tokens.gather(1, start.unsqueeze(1)).squeeze(1), n_max).unsqueeze(1)
         else:
             feed = tokens.gather(1, (positions - 1).clamp(max=tokens.size(1) - 1))
-            lprobs = self.big.forward(cache, rows, feed, counts, visible=n_max, all_rows=all_rows)
+            lprobs = self.big.forward(cache, rows, feed, counts, n_max, all_rows)
         lprobs = self.rules.apply(lprobs, positions - 1, max_len.unsqueeze(1))
         # entries 0 .. counts-2 score the small model's tokens since the big model's last pass;
         # tokens the search forced (EOS at max length) are not the small model's choice

@@ -34,18 +34,28 @@ class UnsupportedDecoderError(ValueError):
 
 @dataclass
 class DecoderCache:
-    """One decoder's state for a batch of sentences."""
+    """One decoder's state for a batch of sentences, the layers stacked in one tensor per kind
+    (so an engine that runs the whole decoder as one graph passes each as one input)."""
 
-    self_k: list[Tensor]  # per layer (B, H, T, Dh)
-    self_v: list[Tensor]
-    cross_k: list[Tensor]  # per layer (B, H, S, Dh)
-    cross_v: list[Tensor]
+    self_k: Tensor  # (L, B, H, T, Dh) keys/values of the target tokens, T slots (capacity)
+    self_v: Tensor
+    cross_k: Tensor  # (L, B, H, S, Dh) keys/values of the encoder output
+    cross_v: Tensor
     source_mask: Tensor  # (B, S) True where the encoder output is real (not padding)
     length: Tensor  # (B,) tokens cached per sentence
 
+    @classmethod
+    def empty(cls, cross_k: Tensor, cross_v: Tensor, source_mask: Tensor, heads: int, head_dim: int,
+              capacity: int) -> "DecoderCache":
+        """A cache with no target token yet (``capacity`` slots per sentence to begin with)."""
+        layers, b = cross_k.shape[:2]
+        shape = (layers, b, heads, capacity, head_dim)
+        return cls(cross_k.new_zeros(shape), cross_v.new_zeros(shape), cross_k, cross_v, source_mask,
+                   torch.zeros(b, dtype=torch.long, device=cross_k.device))
+
     @property
     def capacity(self) -> int:
-        return self.self_k[0].size(2)
+        return self.self_k.size(3)
 
     def truncate(self, rows: Tensor, keep: Tensor) -> None:
         """Forget cached tokens beyond ``keep`` for ``rows`` (rollback)."""
@@ -57,18 +67,41 @@ class DecoderCache:
         if slots <= self.capacity:
             return
         old_capacity, size = self.capacity, max(slots, 2 * self.capacity)
-        for buffers in (self.self_k, self.self_v):
-            for i, old in enumerate(buffers):
-                b, h, _, dh = old.shape
-                buffers[i] = old.new_zeros(b, h, size, dh)
-                buffers[i][:, :, :old_capacity] = old
+        for name in ("self_k", "self_v"):
+            old = getattr(self, name)
+            layers, b, h, _, dh = old.shape
+            new = old.new_zeros(layers, b, h, size, dh)
+            new[:, :, :, :old_capacity] = old
+            setattr(self, name, new)
 
     def select(self, rows: Tensor) -> None:
         """Keep only sentences ``rows`` (in that order): finished sentences leave the batch."""
-        for buffers in (self.self_k, self.self_v, self.cross_k, self.cross_v):
-            buffers[:] = [t.index_select(0, rows) for t in buffers]
+        for name in ("self_k", "self_v", "cross_k", "cross_v"):
+            setattr(self, name, getattr(self, name).index_select(1, rows))
         self.source_mask = self.source_mask.index_select(0, rows)
         self.length = self.length.index_select(0, rows)
+
+    def rows(self, rows: Tensor) -> "DecoderCache":
+        """A copy holding only sentences ``rows`` (their cached tokens, not a view)."""
+        part = DecoderCache(self.self_k, self.self_v, self.cross_k, self.cross_v, self.source_mask, self.length)
+        part.select(rows)
+        return part
+
+
+def cross_attention_kv(decoder: torch.nn.Module, encoder_out: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Every decoder layer's cross-attention keys and values, projected once from the encoder
+    output: (L, B, H, S, Dh) each, and the (B, S) source mask (True where not padding)."""
+    enc = encoder_out["encoder_out"][0]  # (S, B, E_enc)
+    s, b, _ = enc.shape
+    pad = encoder_out["encoder_padding_mask"]
+    source_mask = ~pad[0] if len(pad) > 0 else torch.ones(b, s, dtype=torch.bool, device=enc.device)
+    enc = enc.transpose(0, 1)
+    keys, values = [], []
+    for layer in decoder.layers:
+        attn = layer.encoder_attn
+        keys.append(_heads(attn.k_proj(enc), attn.num_heads))
+        values.append(_heads(attn.v_proj(enc), attn.num_heads))
+    return torch.stack(keys), torch.stack(values), source_mask
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
@@ -129,23 +162,10 @@ class IncrementalDecoder:
     def start(self, encoder_out: dict, capacity: int = 32) -> DecoderCache:
         """Project cross-attention keys/values once and allocate an empty self-attention cache
         (``capacity`` tokens per sentence to begin with; it grows as needed)."""
-        enc = encoder_out["encoder_out"][0]  # (S, B, E_enc)
-        s, b, _ = enc.shape
-        pad = encoder_out["encoder_padding_mask"]
-        source_mask = ~pad[0] if len(pad) > 0 else torch.ones(b, s, dtype=torch.bool, device=enc.device)
-        enc = enc.transpose(0, 1)
-        cross_k, cross_v, self_k, self_v = [], [], [], []
-        for layer in self.decoder.layers:
-            attn = layer.encoder_attn
-            cross_k.append(_heads(attn.k_proj(enc), attn.num_heads).contiguous())
-            cross_v.append(_heads(attn.v_proj(enc), attn.num_heads).contiguous())
-            sa = layer.self_attn
-            shape = (b, sa.num_heads, capacity, sa.head_dim)
-            self_k.append(enc.new_zeros(shape))
-            self_v.append(enc.new_zeros(shape))
-        self._position_table(capacity, enc)
-        return DecoderCache(self_k, self_v, cross_k, cross_v, source_mask,
-                            torch.zeros(b, dtype=torch.long, device=enc.device))
+        cross_k, cross_v, source_mask = cross_attention_kv(self.decoder, encoder_out)
+        sa = self.decoder.layers[0].self_attn
+        self._position_table(capacity, cross_k)
+        return DecoderCache.empty(cross_k, cross_v, source_mask, sa.num_heads, sa.head_dim, capacity)
 
     def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor,
                 visible: int | None = None, all_rows: bool | None = None) -> Tensor:

@@ -1,0 +1,30 @@
+"""The reference engine: the checkpoint's own torch modules, run by :class:`IncrementalDecoder`."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bild_fairseq.incremental import DecoderCache, IncrementalDecoder
+
+
+class TorchEngine:
+    """Runs a fairseq transformer with torch, on whatever device and dtype the model has."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.decoder = IncrementalDecoder(model.decoder)
+        dtype = next(model.parameters()).dtype
+        self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+    def start(self, src_tokens: Tensor, src_lengths: Tensor, capacity: int = 32) -> DecoderCache:
+        encoder_out = self.model.encoder.forward_torchscript({"src_tokens": src_tokens, "src_lengths": src_lengths})
+        return self.decoder.start(encoder_out, capacity)
+
+    def step(self, cache: DecoderCache, tokens: Tensor, visible: int) -> Tensor:
+        return self.decoder.step(cache, tokens, visible)
+
+    def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor,
+                visible: int, all_rows: bool) -> Tensor:
+        return self.decoder.forward(cache, rows, tokens, counts, visible=visible, all_rows=all_rows)

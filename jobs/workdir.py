@@ -53,8 +53,8 @@ def atomic_writer(path: Path, mode: str = "w", before_replace: Callable[[], None
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    with atomic_writer(path) as f:
+def write_atomic(path: Path, text: str, before_replace: Callable[[], None] | None = None) -> None:
+    with atomic_writer(path, before_replace=before_replace) as f:
         f.write(text)
 
 
@@ -99,6 +99,7 @@ class ShardRecord:
     timings: dict = field(default_factory=dict)   # seconds: load, decode, total
     output_lines: int | None = None  # of shards/NNNNN.out as the worker wrote it
     output_sha256: str | None = None
+    resumed_lines: int = 0  # lines of the shard this attempt found published by earlier ones
 
     @property
     def lines(self) -> int:
@@ -186,8 +187,8 @@ class WorkDir:
             path.unlink(missing_ok=True)
         shutil.rmtree(self.parts(index), ignore_errors=True)
 
-    def write_record(self, record: ShardRecord) -> None:
-        write_atomic(self.record_path(record.index), json.dumps(asdict(record), indent=1) + "\n")
+    def write_record(self, record: ShardRecord, before_replace: Callable[[], None] | None = None) -> None:
+        write_atomic(self.record_path(record.index), json.dumps(asdict(record), indent=1) + "\n", before_replace)
 
     def is_done(self, index: int, config_hash: str) -> bool:
         record = self.read_record(index)

@@ -155,6 +155,8 @@ def main() -> None:
 @click.option("--mem", help="slurm: memory per shard, e.g. 16G")
 @click.option("--sbatch-option", "sbatch_options", multiple=True,
               help="slurm: extra sbatch option, verbatim, e.g. --sbatch-option=--account=nlp (repeatable)")
+@click.option("--poll-interval", type=click.FloatRange(min=0, min_open=True),
+              help="slurm: seconds between squeue calls, and before a task gone without a result counts as failed [30]")
 @click.option("--dry-run", is_flag=True,
               help="slurm: prepare WORKDIR, print the job script and sbatch command, submit nothing")
 def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, shards: int | None, executor: str,
@@ -163,7 +165,8 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
         wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool, max_tokens: int,
         max_sentences: int | None, device: str, chunk_lines: int, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
-        cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], dry_run: bool) -> None:
+        cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], poll_interval: float | None,
+        dry_run: bool) -> None:
     """Decode INPUT (plain, .gz or .xz; one sentence or document per line) into OUTPUT, line-aligned."""
     from bild_fairseq.pairdir import PairDirError
     from jobs.collect import CollectError
@@ -175,7 +178,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
 
     slurm_only = {"--partition": partition, "--time": time_limit, "--gpus-per-task": gpus_per_task,
                   "--cpus-per-task": cpus_per_task, "--mem": mem, "--sbatch-option": sbatch_options,
-                  "--dry-run": dry_run}
+                  "--dry-run": dry_run, "--poll-interval": poll_interval}
     if executor != "slurm" and any(slurm_only.values()):
         given = ", ".join(name for name, value in slurm_only.items() if value)
         raise click.UsageError(f"{given}: Slurm options, for --executor slurm")
@@ -187,7 +190,8 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
     def make_executor(cfg: RunConfig) -> tuple[Executor, dict]:
         if executor == "local":
             return LocalExecutor(wd, python, slots), {"name": "local", "workers": len(slots)}
-        return (SlurmExecutor(wd, python, options, job_name=f"bild-{cfg.hash[:8]}"),
+        return (SlurmExecutor(wd, python, options, job_name=f"bild-{cfg.hash[:8]}",
+                              **({"poll_interval_s": poll_interval} if poll_interval else {})),
                 {"name": "slurm", "jobs_file": str(wd.slurm / "jobs.json")})
 
     try:

@@ -20,6 +20,7 @@ from jobs import manifest
 from jobs.collect import check_reference, collect
 from jobs.config import ConfigError, Decoding, RunConfig, pair_fingerprint
 from jobs.executors.base import Ended, Executor
+from jobs.executors.slurm import live_tasks
 from jobs.shards import scan
 from jobs.workdir import WorkDir, exclusive, sha256_file
 
@@ -103,6 +104,10 @@ def plan_run(wd: WorkDir, req: RunRequest, spec: PairSpec, fresh: bool, echo: Ca
             raise ConfigChanged(f"{wd.root} holds a run with another configuration:\n  {changes}\n"
                                 "Rerun with --fresh to discard its results and start over, "
                                 "or give another --workdir.")
+        if tasks := live_tasks(wd):  # they would read the new config.json and write into shards/
+            jobs = " ".join(sorted({t.split("_")[0] for t in tasks}))
+            raise ConfigChanged(f"--fresh: {wd.root} has Slurm tasks of its earlier run still queued or running "
+                                f"({', '.join(tasks)}): `scancel {jobs}` or wait for them, then rerun")
         echo(f"--fresh: discarding the results in {wd.root} (config {previous.hash})")
         wd.clear()
     wd.create()
@@ -118,14 +123,26 @@ class Failure:
     retryable: bool = True
 
 
+def settle(wd: WorkDir, cfg: RunConfig, ended: list[Ended], grace_s: float) -> list[tuple[Ended, Failure | None]]:
+    """How each ended worker ended. Those without a visible result are looked at again after
+    ``grace_s``: on a shared filesystem a finished worker's record may show late."""
+    if grace_s and any(not wd.is_done(e.shard, cfg.hash) for e in ended):
+        time.sleep(grace_s)
+    return [(e, _settle(wd, cfg, e)) for e in ended]
+
+
 def _settle(wd: WorkDir, cfg: RunConfig, ended: Ended) -> Failure | None:
-    """Decide how a worker ended; one that died without reporting gets its record marked failed."""
+    """Decide how a worker ended; one that died without reporting gets its record marked failed
+    (never one whose record says done: its output may be on its way)."""
     if wd.is_done(ended.shard, cfg.hash):
         return None
     record = wd.read_record(ended.shard)
     if record is not None and record.config_hash == cfg.hash and record.status == "failed":
         return Failure(ended.shard, record.error or ended.reason, Path(record.log) if record.log else ended.log,
                        record.retryable)
+    if record is not None and record.config_hash == cfg.hash and record.status == "done":
+        return Failure(ended.shard, f"its record says done, but its output {wd.output(ended.shard)} is missing",
+                       ended.log)
     reason = f"{ended.reason} without a result"
     if ended.log is not None and ended.log.is_file():
         last = ended.log.read_text(errors="replace").strip().splitlines()[-1:]
@@ -189,8 +206,7 @@ def execute(wd: WorkDir, cfg: RunConfig, executor: Executor, retries: int, echo:
             time.sleep(executor.poll_interval_s)
             retry = []
             ended = executor.poll()
-            for e in ended:
-                failure = _settle(wd, cfg, e)
+            for e, failure in settle(wd, cfg, ended, executor.settle_grace_s):
                 if failure is None:
                     continue
                 if tries[e.shard] <= retries and failure.retryable:

@@ -107,7 +107,7 @@ def test_slurm_array_survives_its_driver_and_retries_a_failed_shard(
     wrapper, gate = _python_wrapper(tmp_path)
     cmd = [str(BILD_JOBS), "run", str(src), "--pair", str(tiny_pair), "-o", str(out), "-w", str(wd.root),
            "--executor", "slurm", "--shards", "3", "--workers", "2", "--retries", "1", "--python", str(wrapper),
-           "--time", "10:00", "--mem", "1G", "--cpus-per-task", "1", "--ref", str(ref)]
+           "--time", "10:00", "--mem", "1G", "--cpus-per-task", "1", "--ref", str(ref), "--poll-interval", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -176,7 +176,7 @@ def test_example_sbatch_driver_runs_the_whole_job_from_inside_slurm(slurm_cluste
     out, log = tmp_path / "out.en", tmp_path / "driver.log"
     job = subprocess.run(
         ["sbatch", "--parsable", f"--output={log}", str(ROOT / "scripts" / "bild-jobs.sbatch"), str(src),
-         str(tiny_pair), str(out), "--shards", "2", "--time", "10:00", "--mem", "1G"],
+         str(tiny_pair), str(out), "--shards", "2", "--time", "10:00", "--mem", "1G", "--poll-interval", "1"],
         capture_output=True, text=True, timeout=60, check=True,
         env={**os.environ, "BILD_JOBS": str(BILD_JOBS), "OMP_NUM_THREADS": "1"}).stdout.strip()
     state = _wait_for_job(job)
@@ -184,3 +184,23 @@ def test_example_sbatch_driver_runs_the_whole_job_from_inside_slurm(slurm_cluste
     assert read_output(out) == reference_output[:40]
     assert "wrote " in log.read_text() and "manifest: " in log.read_text()
     assert json.loads((tmp_path / "out.en.work" / "manifest.json").read_text())["totals"]["shards"] == {"done": 2}
+
+
+def test_fresh_is_refused_while_tasks_of_the_earlier_run_are_in_slurm(slurm_cluster, tiny_pair, tmp_path):
+    """Tasks of the old configuration would read the new config.json and write into shards/."""
+    src, out = tmp_path / "in.de", tmp_path / "o.en"
+    src.write_text("Klicken Sie auf OK.\n")
+    wd = WorkDir(tmp_path / "o.en.work")
+    args = ["run", str(src), "--pair", str(tiny_pair), "-o", str(out), "--workers", "1", "--device", "cpu"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    config = wd.config.read_text()
+    job = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--time=5:00", "--mem=100M", "--wrap", "sleep 300"],
+                         capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        (wd.slurm / "jobs.json").write_text(json.dumps([{"job_id": job, "shards": [0, 1], "submitted": 0}]))
+        refused = CliRunner().invoke(main, [*args, "--fallback-threshold", "0.3", "--fresh"])
+        assert refused.exit_code == 1, refused.output
+        assert f"still queued or running ({job}_0, {job}_1): `scancel {job}`" in refused.output
+        assert wd.config.read_text() == config and wd.is_done(0, json.loads(config)["hash"])
+    finally:
+        subprocess.run(["scancel", job], check=True)

@@ -482,3 +482,33 @@ def test_an_environment_fault_fails_the_shard_for_a_retry_without_charging_lines
     assert record.status == "failed" and record.retryable and "Input/output error" in record.error
     assert record.issues == [] and not wd.output(0).exists()
     assert [p.name for p in wd.parts(0).glob("*.json")] == ["000000000.json"]  # kept for the retry
+
+
+def test_a_slurm_task_whose_result_shows_late_is_not_declared_failed(shard_run):
+    """On NFS the driver may see a finished task's record late: it looks again after a grace
+    period, and never writes "failed" over a record that says done."""
+    import threading
+
+    from jobs.executors.base import Ended
+    from jobs.executors.slurm import POLL_INTERVAL_S
+    from jobs.runner import settle
+
+    wd, cfg, _ = shard_run
+    record = wd.queue(0, range(0, 10), cfg.hash)
+    record.status = "running"
+    wd.write_record(record)
+
+    def worker_result_arrives() -> None:
+        wd.output(0).write_text("x\n" * 10)
+        record.status = "done"
+        wd.write_record(record)
+
+    threading.Timer(0.2, worker_result_arrives).start()
+    ended = Ended(0, None, "Slurm array task 1_0 ended")
+    assert settle(wd, cfg, [ended], grace_s=1.0) == [(ended, None)]
+    assert wd.read_record(0).status == "done"
+    wd.output(0).unlink()  # the record is visible, its output not yet
+    (_, failure), = settle(wd, cfg, [ended], grace_s=0)
+    assert "its record says done, but its output" in failure.reason and wd.read_record(0).status == "done"
+    executor = SlurmExecutor(wd, ["python"], SlurmOptions(), job_name="x")
+    assert executor.poll_interval_s == executor.settle_grace_s == POLL_INTERVAL_S == 30

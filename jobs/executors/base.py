@@ -26,6 +26,9 @@ class Ended:
 class Executor(ABC):
     name: str
     poll_interval_s: float
+    #: how long a worker's last writes may take to be seen here (a shared filesystem's caches):
+    #: a worker that ended without a visible result is looked at again after this long
+    settle_grace_s: float = 0.0
 
     def __init__(self, wd: WorkDir, python: Sequence[str]):
         self.wd = wd

@@ -21,6 +21,8 @@ from jobs.executors.base import Ended, Executor
 from jobs.workdir import WorkDir, write_atomic
 
 SQUEUE_TRIES = 5
+#: squeue is polled at most this often on a real cluster: every call costs slurmctld, shared by all
+POLL_INTERVAL_S = 30.0
 
 
 class SlurmError(RuntimeError):
@@ -104,12 +106,20 @@ def submitted_jobs(wd: WorkDir) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def live_tasks(wd: WorkDir) -> list[str]:
+    """``JOB_SHARD`` of this work directory's array tasks still queued or running."""
+    jobs = submitted_jobs(wd)
+    return [f"{job}_{shard}" for job, shard in sorted(queue_states([j["job_id"] for j in jobs]))] if jobs else []
+
+
 class SlurmExecutor(Executor):
     name = "slurm"
-    poll_interval_s = 2.0
 
-    def __init__(self, wd: WorkDir, python: Sequence[str], options: SlurmOptions, job_name: str):
+    def __init__(self, wd: WorkDir, python: Sequence[str], options: SlurmOptions, job_name: str,
+                 poll_interval_s: float = POLL_INTERVAL_S):
         super().__init__(wd, python)
+        # a task's record is read again one poll after it left squeue (NFS may show it late)
+        self.poll_interval_s = self.settle_grace_s = poll_interval_s
         self.options = options
         self.job_name = job_name
         self.tracked: dict[int, str] = {}  # shard -> array job id

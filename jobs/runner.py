@@ -59,12 +59,19 @@ def check_writable(directory: Path, what: str) -> None:
         raise ConfigError(f"{what}: cannot write in {directory} ({e.strerror}): choose a writable location") from None
 
 
+MODE_FLAGS = {"bild": "--bild", "big": "--big-only", "small": "--small-only"}
+
+
 def mode_note(given: Decoding, resolved: Decoding, spec: PairSpec) -> str | None:
-    """The line that says the pair chose the mode, and why (None when the user chose it)."""
+    """The line that says who chose the mode, and why (None when the user chose it)."""
+    default = spec.run.get("mode", "bild")
+    if given.mode is None and given.bild_given() and default != "bild":
+        return (f"mode: --bild, implied by the BiLD option(s) given; the pair's measured default is "
+                f"{MODE_FLAGS[default]}" + (f" ({spec.run['why']})" if "why" in spec.run else ""))
     if given.mode is not None or "why" not in spec.run:
         return None
-    flag = {"bild": "--bild", "big": "--big-only", "small": "--small-only"}[resolved.mode]
-    return f"mode: {flag}, the pair's measured default: {spec.run['why']}; give --bild or --big-only to choose"
+    return (f"mode: {MODE_FLAGS[resolved.mode]}, the pair's measured default: {spec.run['why']}; "
+            "give --bild or --big-only to choose")
 
 
 def check_request(req: RunRequest, echo: Callable[[str], None] | None = None) -> tuple[RunRequest, PairSpec]:
@@ -87,6 +94,7 @@ def plan_run(wd: WorkDir, req: RunRequest, spec: PairSpec, fresh: bool, echo: Ca
     """Scan the input, and create or resume the work directory's configuration."""
     corpus = wd.cached("corpus", req.input, lambda p: asdict(scan(p)))
     previous = RunConfig.load(wd.config) if wd.config.is_file() else None
+    digest = lambda p: wd.cached("sha256", p, sha256_file)  # noqa: E731
     shards = req.shards or (previous.shards if previous else None) \
         or max(req.parallel or 1, math.ceil(corpus["lines"] / LINES_PER_SHARD))
     if shards > max(corpus["lines"], 1):
@@ -94,13 +102,12 @@ def plan_run(wd: WorkDir, req: RunRequest, spec: PairSpec, fresh: bool, echo: Ca
         shards = max(corpus["lines"], 1)
     cfg = RunConfig(input=str(req.input.absolute()), input_sha256=corpus["sha256"], lines=corpus["lines"],
                     shards=shards, pair_dir=str(req.pair_dir.absolute()), task=spec.task,
-                    pair_fingerprint=pair_fingerprint(spec, req.decoding,
-                                                      lambda p: wd.cached("sha256", p, sha256_file)),
+                    pair_fingerprint=pair_fingerprint(spec, req.decoding, digest),
                     decoding=req.decoding.canonical(spec), output=str(req.output.absolute()), max_tokens=req.max_tokens,
                     max_sentences=req.max_sentences, device=req.device, chunk_lines=req.chunk_lines)
     if previous is not None and previous.hash != cfg.hash:
         if not fresh:
-            changes = "\n  ".join(cfg.differences(previous))
+            changes = "\n  ".join(_changes(previous, cfg, spec, digest))
             raise ConfigChanged(f"{wd.root} holds a run with another configuration:\n  {changes}\n"
                                 "Rerun with --fresh to discard its results and start over, "
                                 "or give another --workdir.")
@@ -113,6 +120,15 @@ def plan_run(wd: WorkDir, req: RunRequest, spec: PairSpec, fresh: bool, echo: Ca
     wd.create()
     cfg.save(wd.config)
     return cfg
+
+
+def _changes(previous: RunConfig, cfg: RunConfig, spec: PairSpec, digest: Callable[[Path], str]) -> list[str]:
+    """What really changed: the pair's files and pair.json compared under the earlier decoding
+    (another mode reads other files and settings, which is not a change of the pair), then the rest."""
+    now = pair_fingerprint(spec, previous.decoding, lambda p: digest(p) if p.is_file() else None)  # None: gone
+    then = replace(previous, pair_fingerprint=now)
+    same_pair = replace(previous, pair_fingerprint=cfg.pair_fingerprint)
+    return then.differences(previous) + cfg.differences(same_pair)
 
 
 @dataclass

@@ -512,3 +512,48 @@ def test_a_slurm_task_whose_result_shows_late_is_not_declared_failed(shard_run):
     assert "its record says done, but its output" in failure.reason and wd.read_record(0).status == "done"
     executor = SlurmExecutor(wd, ["python"], SlurmOptions(), job_name="x")
     assert executor.poll_interval_s == executor.settle_grace_s == POLL_INTERVAL_S == 30
+
+
+def test_a_bild_option_says_it_implied_bild_not_that_the_pair_chose_it(tiny_pair):
+    from dataclasses import replace
+
+    from bild_fairseq.pairdir import PairSpec
+    from jobs.runner import mode_note
+
+    spec = replace(PairSpec.load(tiny_pair), run={"mode": "big", "why": "BiLD measured 0.65x big-only"})
+    given = Decoding(fallback_threshold=0.5)
+    note = mode_note(given, given.resolve(spec), spec)
+    assert note == ("mode: --bild, implied by the BiLD option(s) given; the pair's measured default is --big-only "
+                    "(BiLD measured 0.65x big-only)")
+    assert mode_note(Decoding(), Decoding().resolve(spec), spec).startswith("mode: --big-only, the pair's measured")
+    assert mode_note(Decoding(mode="bild"), Decoding(mode="bild"), spec) is None
+
+
+def test_a_changed_mode_lists_only_real_changes(tiny_pair, tmp_path):
+    """Another mode reads other pair files and settings: not a change of the pair."""
+    import shutil
+
+    from bild_fairseq.pairdir import PairSpec
+    from jobs.runner import ConfigChanged, RunRequest, plan_run
+
+    pair = tmp_path / "pair"
+    shutil.copytree(tiny_pair, pair)
+    src = tmp_path / "in.de"
+    src.write_text("Klicken Sie auf OK.\n")
+    wd = WorkDir(tmp_path / "work")
+    wd.root.mkdir()
+    spec = PairSpec.load(pair)
+
+    def plan(mode: str) -> None:
+        request = RunRequest(input=src, pair_dir=pair, output=tmp_path / "o.en", decoding=Decoding(mode=mode))
+        plan_run(wd, request, spec, False, print)
+
+    plan("bild")
+    with pytest.raises(ConfigChanged) as changed:
+        plan("big")
+    assert "decoding.mode: 'bild' -> 'big'" in str(changed.value) and "pair_fingerprint" not in str(changed.value)
+    (pair / "small.pt").unlink()  # a file the earlier run read is gone: that is a change
+    with pytest.raises(ConfigChanged) as changed:
+        plan("big")
+    assert "pair_fingerprint.small.pt: '" in str(changed.value) and "' -> None" in str(changed.value)
+    assert "pair_fingerprint.pair.json" not in str(changed.value)

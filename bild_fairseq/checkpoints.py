@@ -16,6 +16,7 @@ class CheckpointError(ValueError):
     again fails the same way (the batch runner does not retry it)."""
 
 
+_KEYS = re.compile(r'(Missing|Unexpected) key\(s\) in state_dict: ((?:"[^"]*"(?:, )?)+)')
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(\d+)")
 
 
@@ -33,7 +34,7 @@ def load_model(path: str | Path, task) -> torch.nn.Module:
     except RuntimeError as e:
         mismatch = _SIZE_MISMATCH.search(str(e))
         if mismatch is None:
-            raise _unreadable(path, e) from None
+            raise _load_error(path, e) from None
         name, rows = mismatch.groups()
         side = "source" if name.startswith("encoder.") else "target"
         dictionary = getattr(task, f"{side}_dictionary")
@@ -44,6 +45,21 @@ def load_model(path: str | Path, task) -> torch.nn.Module:
     except (EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:  # torch: EINVAL when truncated
         raise _unreadable(path, e) from None
     return model
+
+
+def _load_error(path: str | Path, error: RuntimeError) -> CheckpointError:
+    """What a ``RuntimeError`` of loading says: weights that do not fit the architecture the
+    checkpoint declares, a damaged archive, or else its own first line (no guess)."""
+    text = str(error)
+    keys = _KEYS.findall(text)
+    if keys:
+        found = "; ".join(f"{kind.lower()} {len(names)} weight(s), e.g. {names[0]}"
+                          for kind, names in ((kind, re.findall(r'"([^"]*)"', quoted)) for kind, quoted in keys))
+        return CheckpointError(f"{path} holds weights of another architecture than its config declares ({found}): "
+                               "use the checkpoint saved with this model, or export it again from its training run")
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return _unreadable(path, error)
+    return CheckpointError(f"{path} could not be loaded: {text.strip().splitlines()[0] if text.strip() else 'RuntimeError'}")
 
 
 def _unreadable(path: str | Path, error: Exception) -> CheckpointError:

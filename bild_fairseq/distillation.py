@@ -31,6 +31,13 @@ from bild_fairseq.checkpoints import CheckpointError
 from bild_fairseq.config import BildOptionError
 
 
+def kl_divergence(t_lprobs: torch.Tensor, lprobs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the last dimension, from log-probabilities. A token the teacher
+    rules out (log-probability -inf: a suppressed token) adds 0, not 0 * inf = NaN."""
+    p = t_lprobs.exp()
+    return torch.where(p > 0, p * (t_lprobs - lprobs), torch.zeros_like(p)).sum(-1)
+
+
 @dataclass
 class DistillationConfig(LabelSmoothedCrossEntropyCriterionConfig):
     teacher: str = field(default="", metadata={
@@ -84,8 +91,7 @@ class DistillationCriterion(LabelSmoothedCrossEntropyCriterion):
             out = teacher(**sample["net_input"])
             t_lprobs = teacher.get_normalized_probs(out, log_probs=True)[:, self.ignore_prefix_size:]
             t_lprobs = t_lprobs.reshape(-1, t_lprobs.size(-1)).to(lprobs.dtype)
-        kl = (t_lprobs.exp() * (t_lprobs - lprobs)).sum(-1)
-        return kl.masked_fill(target.eq(self.padding_idx), 0.0)
+        return kl_divergence(t_lprobs, lprobs).masked_fill(target.eq(self.padding_idx), 0.0)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

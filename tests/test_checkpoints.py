@@ -60,6 +60,20 @@ def test_a_truncated_checkpoint_is_named(tiny_pair, tmp_path):
         PairTranslator.from_pair_dir(pair)
 
 
+def test_a_checkpoint_missing_weights_is_named_as_such_not_as_truncated(tiny_pair, tmp_path):
+    from bild_fairseq.api import PairTranslator
+
+    state = torch.load(tiny_pair / "small.pt")
+    del state["model"]["decoder.layers.0.fc1.weight"]
+    pair = _pair_with(tiny_pair, tmp_path, b"")
+    torch.save(state, pair / "small.pt")
+    with pytest.raises(CheckpointError) as caught:
+        PairTranslator.from_pair_dir(pair)
+    message = str(caught.value)
+    assert f"{pair / 'small.pt'} holds weights of another architecture than its config declares" in message
+    assert "missing 1 weight(s), e.g. decoder.layers.0.fc1.weight" in message and "truncated" not in message
+
+
 def test_model_settings_reads_and_writes_both_config_forms():
     """Older fairseq saves a model's config as an argparse.Namespace, newer as a dict."""
     for cfg in (argparse.Namespace(decoder_layers=6), {"decoder_layers": 6}):

@@ -91,3 +91,18 @@ def test_fairseq_train_distils_with_the_teacher(tiny_pair, deen_slice, tmp_path)
     assert state["cfg"]["criterion"]["kd_weight"] == 0.5 and "label_smoothed_cross_entropy" not in FINETUNE
     assert {k: v.shape for k, v in state["model"].items()} == \
         {k: v.shape for k, v in torch.load(tiny_pair / "small.pt")["model"].items()}  # the student, not the teacher
+
+
+def test_a_token_the_teacher_rules_out_adds_nothing_to_the_divergence():
+    """fairseq sets suppressed tokens' log-probabilities to -inf: p * (log p - log q) is NaN there."""
+    import math
+
+    from bild_fairseq.distillation import kl_divergence
+
+    teacher = torch.tensor([[0.7, 0.3, 0.0], [1.0, 0.0, 0.0]]).log()  # -inf where 0
+    student = torch.tensor([[0.5, 0.25, 0.25], [0.6, 0.3, 0.1]]).log().requires_grad_()
+    kl = kl_divergence(teacher, student)
+    expected = torch.tensor([0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.25), math.log(1 / 0.6)])
+    torch.testing.assert_close(kl, expected)
+    kl.sum().backward()
+    assert torch.isfinite(student.grad).all()

@@ -138,6 +138,8 @@ def main() -> None:
               help="source tokens per batch")
 @click.option("--max-sentences", type=click.IntRange(min=1), help="sentences per batch [no limit]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--allow-binary", is_flag=True, help="decode INPUT even if it does not look like text (over 5% "
+              "NUL bytes or invalid UTF-8 in its first MiB)")
 @click.option("--chunk-lines", type=click.IntRange(min=1), default=500, show_default=True,
               help="workers publish their output every N lines; a rerun resumes a shard after the last chunk")
 @click.option("--ref", type=EXISTING_FILE, help="reference, line-aligned with INPUT: score with BLEU+chrF "
@@ -163,7 +165,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
         workers: int | None, mode: str, small_checkpoint: str | None, bild_exact: bool,
         fallback_threshold: float | None, rollback_threshold: float | None, max_small_steps: int | None,
         wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool, max_tokens: int,
-        max_sentences: int | None, device: str, chunk_lines: int, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
+        max_sentences: int | None, device: str, allow_binary: bool, chunk_lines: int, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
         cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], poll_interval: float | None,
         dry_run: bool) -> None:
@@ -203,7 +205,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
         slots = plan_slots(device, workers) if executor == "local" else []
         request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,
                              parallel=len(slots) or workers, max_tokens=max_tokens, max_sentences=max_sentences,
-                             device=device, chunk_lines=chunk_lines)
+                             device=device, chunk_lines=chunk_lines, allow_binary=allow_binary)
         if dry_run:
             request, spec = check_request(request, _echo)
             with wd.lock():

@@ -21,7 +21,7 @@ from jobs.collect import check_reference, collect
 from jobs.config import ConfigError, Decoding, RunConfig, pair_fingerprint
 from jobs.executors.base import Ended, Executor
 from jobs.executors.slurm import live_tasks
-from jobs.shards import scan
+from jobs.shards import MAX_NOT_TEXT_SHARE, not_text_share, scan
 from jobs.workdir import WorkDir, exclusive, sha256_file
 
 LINES_PER_SHARD = 100_000  # default shard size: minutes of work each, cheap to redo
@@ -47,6 +47,7 @@ class RunRequest:
     max_sentences: int | None = None
     device: str = "auto"
     chunk_lines: int = 500
+    allow_binary: bool = False  # decode input that does not look like text
 
 
 def check_writable(directory: Path, what: str) -> None:
@@ -75,10 +76,15 @@ def mode_note(given: Decoding, resolved: Decoding, spec: PairSpec) -> str | None
 
 
 def check_request(req: RunRequest, echo: Callable[[str], None] | None = None) -> tuple[RunRequest, PairSpec]:
-    """Everything that can be refused without touching the work directory or reading the input;
-    returns the request with its decoding mode resolved (``echo`` says when the pair chose it)."""
+    """Everything that can be refused without touching the work directory or reading more than
+    the input's first MiB; returns the request with its decoding mode resolved (``echo`` says
+    when the pair chose it)."""
     if req.output.resolve() == req.input.resolve():
         raise ConfigError(f"--output {req.output} is the input file: choose another output path")
+    if not req.allow_binary and (share := not_text_share(req.input)) > MAX_NOT_TEXT_SHARE:
+        raise ConfigError(f"{req.input} does not look like text: {share:.0%} of its first MiB are NUL bytes or "
+                          f"invalid UTF-8 (limit {MAX_NOT_TEXT_SHARE:.0%}); give a text file, or --allow-binary "
+                          "to decode it anyway")
     if req.output.is_dir():
         raise ConfigError(f"--output {req.output} is a directory: give the output file's path, e.g. {req.output}/out.txt")
     check_writable(req.output.parent, f"--output {req.output}")

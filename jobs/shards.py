@@ -16,6 +16,8 @@ from typing import BinaryIO, Iterator
 
 _MAGIC = ((b"\x1f\x8b", gzip.open), (b"\xfd7zXZ\x00", lzma.open))
 _CHUNK = 1 << 20
+#: input whose first MiB is more than this share of NUL bytes and invalid UTF-8 is not text
+MAX_NOT_TEXT_SHARE = 0.05
 
 
 def open_corpus(path: Path) -> BinaryIO:
@@ -45,6 +47,16 @@ def decode_line(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8"), False
     except UnicodeDecodeError:
         return raw.decode("utf-8", errors="replace"), True
+
+
+def not_text_share(path: Path) -> float:
+    """The share of NUL bytes and bytes that are not UTF-8 in the first MiB of the (decompressed)
+    content: near 0 for any text, large for a program or an image given by mistake."""
+    with open_corpus(path) as f:
+        sample = f.read(_CHUNK)
+    text = sample.decode("utf-8", errors="surrogateescape")  # each invalid byte -> one U+DC80..U+DCFF
+    bad = text.count("\0") + sum(1 for c in text if "\udc80" <= c <= "\udcff")
+    return bad / len(sample) if sample else 0.0
 
 
 def read_lines(path: Path, limit: int | None = None) -> list[str]:

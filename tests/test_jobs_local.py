@@ -165,6 +165,18 @@ def test_unusable_requests_are_clear_errors_before_any_work(tiny_pair, corpus, t
     assert not list((tmp_path / "r.en.work" / "shards").iterdir())  # refused before decoding
 
 
+def test_input_that_is_not_text_is_refused_unless_insisted(tiny_pair, tmp_path):
+    program = tmp_path / "ls"
+    program.write_bytes(Path("/bin/ls").read_bytes())
+    args = ["run", str(program), "--pair", str(tiny_pair), "-o", str(tmp_path / "o.en"), "--device", "cpu"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and f"{program} does not look like text: " in refused.output
+    assert "NUL bytes or invalid UTF-8 (limit 5%)" in refused.output and "--allow-binary" in refused.output
+    assert not (tmp_path / "o.en.work").exists()
+    insisted = CliRunner().invoke(main, [*args, "--allow-binary", "--executor", "slurm", "--dry-run"])
+    assert insisted.exit_code == 0, insisted.output  # planned, not refused
+
+
 def test_changed_config_is_refused_unless_fresh(tiny_pair, tmp_path):
     src = tmp_path / "in.de"
     src.write_text("Klicken Sie auf OK.\n")

@@ -24,6 +24,11 @@ setup(
         "click>=8.1",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        # the onnxruntime engine (--bild-engine onnxruntime): the models exported with torch's own
+        # exporter (onnx), 8-bit weights by ORT's MatMulNBitsQuantizer (which needs onnx_ir)
+        "onnxruntime>=1.20,<2",
+        "onnx>=1.16",
+        "onnx_ir>=0.1",
     ],
     # peers: engines the benchmark compares BiLD with (CTranslate2 rows of `bild-jobs bench`);
     # the tests check those rows' plumbing, so the test extra includes them

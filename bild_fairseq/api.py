@@ -87,6 +87,9 @@ class PairTranslator:
         gen.update({k: v for k, v in {"max_len_a": max_len_a, "max_len_b": max_len_b}.items() if v is not None})
         if beam != 1 and (engine != "torch" or int8):
             raise BildOptionError(f"--engine {engine}{' --int8' if int8 else ''} decodes greedily: beam must be 1")
+        if engine == "onnxruntime" and (device != "cpu" or fp16):
+            raise BildOptionError(f"the onnxruntime engine runs fp32 models on the CPU (asked: {device}"
+                                  f"{', fp16' if fp16 else ''}): use engine torch there")
         runtime = {"engine": engine, "int8": int8, "onnx_cache": onnx_cache}
         if mode == "bild":
             generator = BildSequenceGenerator(models[:1], task.target_dictionary, small_model=models[1],

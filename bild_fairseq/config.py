@@ -50,12 +50,31 @@ class BildConfig(FairseqDataclass):
         metadata={"help": "BiLD: roll back on any disagreement with the big model's argmax; output then equals "
                           "the big model's greedy decoding"},
     )
+    bild_engine: str = field(
+        default="torch",
+        metadata={"help": "runtime of the greedy loop's models: torch (the checkpoints as they are, any device) or "
+                          "onnxruntime (both models exported once to ONNX graphs, cached by checksum; CPU; faster, "
+                          "figures in BENCHMARKS.md). "
+                          "Without --bild, onnxruntime decodes greedily with the --path model"},
+    )
+    bild_int8: bool = field(
+        default=False,
+        metadata={"help": "with --bild-engine onnxruntime: 8-bit weights (MatMulNBits) for both models; faster at "
+                          "small batches, output close to but not identical with fp32 (BENCHMARKS.md)"},
+    )
+    bild_onnx_cache: Optional[str] = field(
+        default=None,
+        metadata={"help": "directory of exported ONNX graphs (default $BILD_ONNX_CACHE, else "
+                          "~/.cache/bild-fairseq/onnx); an export takes seconds, once per checkpoint and precision"},
+    )
     bild_stats_json: Optional[str] = field(
         default=None, metadata={"help": "BiLD: write the run's decoding statistics to this JSON file at exit"}
     )
 
 
 BILD_FIELDS = tuple(f.name for f in fields(BildConfig))
+#: the runtime options (--bild-engine, --bild-int8, --bild-onnx-cache): they also apply without --bild
+RUNTIME = ("engine", "int8", "onnx_cache")
 #: BiLD's settings: pair.json's "bild" keys, PairTranslator's and the generator's keywords, and
 #: (prefixed with bild_) the --bild-* options. The batch policy changes speed, never output.
 THRESHOLDS = ("fallback_threshold", "rollback_threshold", "max_small_steps")

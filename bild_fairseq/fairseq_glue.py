@@ -8,8 +8,9 @@ an upstream bug that loses sentences, and a fifth keeps a user's mistake to one 
 
 1. BildConfig's fields are added to GenerationConfig (their ``help=`` becomes ``--help``), and
    hydra's config store is refreshed so ``cfg.generation.bild*`` survive namespace conversion;
-2. ``FairseqTask.build_generator`` builds a :class:`BildSequenceGenerator` when ``--bild`` is set
-   (and is untouched otherwise);
+2. ``FairseqTask.build_generator`` builds a :class:`BildSequenceGenerator` when ``--bild`` is set,
+   or a one-model one when ``--bild-engine onnxruntime`` is (greedy decoding on that engine), and is
+   untouched otherwise;
 3. ``checkpoint_utils.load_checkpoint_to_cpu`` turns torch's weights-only refusal into a clear
    :class:`UnsafeCheckpointError`. The allow-list itself is torch's public add_safe_globals;
 4. ``data_utils.batch_by_size`` keeps the last batch: fairseq 0.12's compiled batcher drops it
@@ -36,7 +37,7 @@ import typing
 import torch
 
 from bild_fairseq.checkpoints import CheckpointError
-from bild_fairseq.config import BILD_FIELDS, SETTINGS, BildConfig, BildOptionError
+from bild_fairseq.config import BILD_FIELDS, RUNTIME, SETTINGS, BildConfig, BildOptionError
 from bild_fairseq.safe_load import UnsafeCheckpointError, allow_fairseq_checkpoints, explain_refusal
 
 logger = logging.getLogger("bild_fairseq")
@@ -79,10 +80,12 @@ def _copy_field(name: str, type_) -> dataclasses.Field:
 
 
 def bild_options(args) -> dict | None:
-    """The BiLD options of a generation config / namespace, or None without --bild."""
-    if not getattr(args, "bild", False):
+    """The BiLD options of a generation config / namespace, or None when the plugin has nothing
+    to do (no --bild, the torch engine, fp32)."""
+    opts = {name: getattr(args, name, BildConfig.__dataclass_fields__[name].default) for name in BILD_FIELDS}
+    if not opts["bild"] and opts["bild_engine"] == "torch" and not opts["bild_int8"]:
         return None
-    return {name: getattr(args, name, BildConfig.__dataclass_fields__[name].default) for name in BILD_FIELDS}
+    return opts
 
 
 def check_search_options(args) -> None:
@@ -106,7 +109,8 @@ def check_search_options(args) -> None:
     if getattr(args, "temperature", 1.0) != 1.0:
         problems.append("--temperature must be 1")
     if problems:
-        raise BildOptionError("--bild decodes greedily with one big and one small model: " + "; ".join(problems))
+        raise BildOptionError("--bild and --bild-engine decode greedily with one big (and one small) model: "
+                              + "; ".join(problems))
 
 
 def load_small_model(path: str | None, task, like: torch.nn.Module) -> torch.nn.Module:
@@ -139,11 +143,15 @@ def _hook_build_generator() -> None:
         from bild_fairseq.generator import BildSequenceGenerator
 
         check_search_options(args)
-        small = load_small_model(opts["bild_small_path"], self, models[0])
-        generator = stock(self, models, args, BildSequenceGenerator, {
-            **(extra_gen_cls_kwargs or {}), "small_model": small,
-            **{name: opts[f"bild_{name}"] for name in SETTINGS}, "exact": opts["bild_exact"],
-        }, **kwargs)
+        runtime = {name: opts[f"bild_{name}"] for name in RUNTIME}
+        if opts["bild"]:
+            small = load_small_model(opts["bild_small_path"], self, models[0])
+            bild = {"small_model": small, **{name: opts[f"bild_{name}"] for name in SETTINGS},
+                    "exact": opts["bild_exact"]}
+        else:  # --bild-engine alone: greedy decoding of the --path model on that engine
+            bild = {}
+        generator = stock(self, models, args, BildSequenceGenerator,
+                          {**(extra_gen_cls_kwargs or {}), **bild, **runtime}, **kwargs)
         atexit.register(report_stats, generator, opts["bild_stats_json"])
         return generator
 

@@ -109,32 +109,66 @@ class BildSequenceGenerator(SequenceGenerator):
         src_lengths = net_input["src_lengths"]
         big_cache = self.big.start(src_tokens, src_lengths)
         small_cache = self.small.start(src_tokens, src_lengths) if self.small is not None else None
-        caches = [c for c in (big_cache, small_cache) if c is not None]
         state = _BatchState(bsz, int(max_len.max()) + 3, device, self.eos if bos_token is None else bos_token, max_len)
         hypotheses: list[list[dict]] = [[] for _ in range(bsz)]
-        n_max = 1
-        while True:
-            if small_cache is not None:
-                self._propose(state, small_cache, n_max + 1)
-            else:
-                state.waiting = ~state.finished
-            state.plan(big_cache.length, self.wait_share, self.max_wait, self.verify_drafting)
-            n_need, k_max, n_max, n_done = state.read(big_cache.length)
-            if n_done:  # finished sentences leave the batch and its caches
-                done, keep = state.finished.nonzero().squeeze(1), (~state.finished).nonzero().squeeze(1)
-                for sentence, hypo in zip(state.ids[done].tolist(), self._hypotheses(state, done)):
-                    hypotheses[sentence] = [hypo]
-                if n_done == state.size:
-                    break
-                state.select(keep)
-                for cache in caches:
-                    cache.select(keep)
-            if n_need:
-                self._verify(state, big_cache, small_cache, n_need, k_max, n_max)
+        if small_cache is None:
+            iterations = self._greedy(state, big_cache, hypotheses)
+        else:
+            iterations = self._bild(state, big_cache, small_cache, hypotheses)
         self.stats.sentences += bsz
+        self.stats.iterations += iterations
         for name, value in zip(COUNTERS, state.counters.tolist()):
             setattr(self.stats, name, getattr(self.stats, name) + int(value))
         return hypotheses
+
+    def _bild(self, state: "_BatchState", big_cache: DecoderCache, small_cache: DecoderCache,
+              hypotheses: list[list[dict]]) -> int:
+        """The BiLD loop (see the module docstring) until every sentence has finished; returns
+        its iteration count."""
+        n_max, iterations = 1, 0
+        while True:
+            iterations += 1
+            self._propose(state, small_cache, n_max + 1)
+            state.plan(big_cache.length, self.wait_share, self.max_wait, self.verify_drafting)
+            n_need, k_max, n_max, n_done = state.read(big_cache.length)
+            if n_done and self._retire(state, (big_cache, small_cache), hypotheses):
+                return iterations
+            if n_need:
+                self._verify(state, big_cache, small_cache, n_need, k_max, n_max)
+
+    def _greedy(self, s: "_BatchState", cache: DecoderCache, hypotheses: list[list[dict]]) -> int:
+        """No small model: greedy decoding, one one-token pass per iteration (BiLD's big-only
+        baseline, and ``--bild-engine`` without ``--bild``). BiLD's loop would give the same
+        tokens (every proposal is the big model's own); this one skips its bookkeeping."""
+        n_max, calls, passes = 1, 0, 0
+        while True:
+            last = s.tokens.gather(1, (s.n - 1).unsqueeze(1)).squeeze(1)
+            _, best_lp, best = self.big.step(cache, last, n_max, self.rules, s.max_len)
+            at = s.n.unsqueeze(1)
+            s.tokens.scatter_(1, at, best.unsqueeze(1))
+            s.scores.scatter_(1, at, best_lp.unsqueeze(1))
+            s.from_big.scatter_(1, at, True)
+            s.n += 1
+            s.finished = best == self.eos
+            calls, passes = calls + s.size, passes + 1
+            n_done, n_max = torch.stack([s.finished.sum(), s.n.max()]).tolist()
+            if n_done and self._retire(s, (cache,), hypotheses):
+                break
+        s.counters[COUNTERS.index("big_calls")] += calls
+        s.counters[COUNTERS.index("big_passes")] += passes
+        return passes
+
+    def _retire(self, s: "_BatchState", caches: tuple[DecoderCache, ...], hypotheses: list[list[dict]]) -> bool:
+        """Finished sentences leave the batch and its caches; True when none is left."""
+        done, keep = s.finished.nonzero().squeeze(1), (~s.finished).nonzero().squeeze(1)
+        for sentence, hypo in zip(s.ids[done].tolist(), self._hypotheses(s, done)):
+            hypotheses[sentence] = [hypo]
+        if keep.numel() == 0:
+            return True
+        s.select(keep)
+        for cache in caches:
+            cache.select(keep)
+        return False
 
     def _propose(self, s: "_BatchState", cache: DecoderCache, visible: int) -> None:
         """Small model proposes one token for every drafting sentence; hand-overs start waiting.
@@ -142,12 +176,10 @@ class BildSequenceGenerator(SequenceGenerator):
         Its cache holds every token but the newest, so it feeds exactly that one token. Waiting
         and finished sentences ride along (a one-row gather would cost more than their rows):
         waiting ones write a scratch slot past their cache length, which is then left there."""
-        step = s.n - 1
-        last = s.tokens.gather(1, step.unsqueeze(1)).squeeze(1)
-        lprobs = self.rules.apply(self.small.step(cache, last, visible), step, s.max_len)
+        last = s.tokens.gather(1, (s.n - 1).unsqueeze(1)).squeeze(1)
+        _, best_lp, best = self.small.step(cache, last, visible, self.rules, s.max_len)
         cache.length -= s.waiting.long()  # already waited: this step's slot was scratch
         s.waited += s.waiting
-        best_lp, best = lprobs.max(dim=-1)
         active = ~s.finished & ~s.waiting
         hand_over = fallback(best_lp, s.run, self.fallback_threshold, self.max_small_steps) & active
         keep = active & ~hand_over
@@ -173,11 +205,12 @@ class BildSequenceGenerator(SequenceGenerator):
         positions = start.unsqueeze(1) + 1 + entry  # entry j predicts the token at start + 1 + j
         tokens = s.tokens[rows]
         if k_max == 1 and all_rows:  # every sentence has one unseen token: the one-token pass
-            lprobs = self.big.step(cache, tokens.gather(1, start.unsqueeze(1)).squeeze(1), n_max).unsqueeze(1)
+            scores = self.big.step(cache, tokens.gather(1, start.unsqueeze(1)).squeeze(1), n_max, self.rules, max_len)
+            lprobs, big_best_lp, big_best = (x.unsqueeze(1) for x in scores)
         else:
             feed = tokens.gather(1, (positions - 1).clamp(max=tokens.size(1) - 1))
-            lprobs = self.big.forward(cache, rows, feed, counts, n_max, all_rows)
-        lprobs = self.rules.apply(lprobs, positions - 1, max_len.unsqueeze(1))
+            lprobs, big_best_lp, big_best = self.big.forward(cache, rows, feed, counts, n_max, all_rows, self.rules,
+                                                             max_len)
         # entries 0 .. counts-2 score the small model's tokens since the big model's last pass;
         # tokens the search forced (EOS at max length) are not the small model's choice
         at = positions.clamp(max=tokens.size(1) - 1)
@@ -195,7 +228,7 @@ class BildSequenceGenerator(SequenceGenerator):
         waiting = s.waiting[rows]
         placed = waiting | rolled
         r = torch.arange(rows.numel(), device=rows.device)
-        big_lp, big_token = lprobs[r, cut].max(dim=-1)
+        big_lp, big_token = big_best_lp[r, cut], big_best[r, cut]
         verified_eos = waiting & ~rolled & (n > 1) & (tokens[r, n - 1] == self.eos)
         new_n = torch.where(placed, start + 1 + cut, n)  # == n for a verified EOS: nothing appended
         s.tokens[rows, new_n] = torch.where(placed, big_token, s.tokens[rows, new_n])

@@ -21,6 +21,7 @@ NormFormer extras, attention bias_k/zero-attn, quant-noise.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,12 @@ def _heads(x: Tensor, num_heads: int) -> Tensor:
     """(R, K, E) -> (R, H, K, Dh)"""
     r, k, e = x.shape
     return x.view(r, k, num_heads, e // num_heads).transpose(1, 2)
+
+
+def _scale(attn) -> float:
+    """SDPA's own default scale, spelled out: an exported graph then holds it as a constant
+    instead of computing it from the query's shape on every call."""
+    return 1.0 / math.sqrt(attn.head_dim)
 
 
 def _rows(t: Tensor, rows: Tensor, all_rows: bool) -> Tensor:
@@ -264,7 +271,7 @@ class IncrementalDecoder:
             x = layer.self_attn_layer_norm(x)
         q = _heads(attn.q_proj(x), attn.num_heads)
         keys, values = write_self_kv(_heads(attn.k_proj(x), attn.num_heads), _heads(attn.v_proj(x), attn.num_heads))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=_scale(attn))
         x = attn.out_proj(out.transpose(1, 2).flatten(2))
         x = layer.residual_connection(x, residual)
         return x if layer.normalize_before else layer.self_attn_layer_norm(x)
@@ -276,7 +283,7 @@ class IncrementalDecoder:
         if layer.normalize_before:
             x = layer.encoder_attn_layer_norm(x)
         q = _heads(attn.q_proj(x), attn.num_heads)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=source_mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=source_mask, scale=_scale(attn))
         x = attn.out_proj(out.transpose(1, 2).flatten(2))
         x = layer.residual_connection(x, residual)
         return x if layer.normalize_before else layer.encoder_attn_layer_norm(x)

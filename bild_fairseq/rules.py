@@ -3,14 +3,34 @@
 ``SequenceGenerator`` never chooses pad, subtracts ``--unkpen`` from unk, bans suppressed tokens,
 bans EOS before ``--min-len`` and forces EOS at the length limit. The token-independent part is
 one additive bias over the vocabulary, computed once; only the EOS column and the rows at their
-length limit depend on the step. Six tensor ops per call, whatever the shape, no host sync.
+length limit depend on the step. :func:`constrain` is the whole rule set as a few tensor ops with
+no host sync, so an engine can also run it inside its graph (the ONNX Runtime engine does).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+class Scores(NamedTuple):
+    """What an engine returns for each fed token: the constrained log-distribution of the next
+    token and its maximum (value and index, the first one on ties)."""
+
+    lprobs: Tensor  # (..., V)
+    best_lp: Tensor  # (...)
+    best: Tensor  # (...)
+
+
+def constrain(lprobs: Tensor, bias: Tensor, eos: int, min_len: Tensor | int, step: Tensor, max_len: Tensor) -> Tensor:
+    """Constrained log-probabilities. lprobs: (..., V); ``step`` (the number of target tokens
+    before the predicted one) and ``max_len`` broadcast against ``lprobs[..., 0]``."""
+    lprobs = lprobs.masked_fill(lprobs.isnan(), -math.inf) + bias  # NaN is never chosen
+    eos_column = lprobs[..., eos:eos + 1].masked_fill((step < min_len).unsqueeze(-1), -math.inf)
+    lprobs = lprobs.masked_fill((step >= max_len).unsqueeze(-1), -math.inf)
+    return torch.cat([lprobs[..., :eos], eos_column, lprobs[..., eos + 1:]], dim=-1)
 
 
 class SearchRules:
@@ -28,10 +48,10 @@ class SearchRules:
         return self
 
     def apply(self, lprobs: Tensor, step: Tensor, max_len: Tensor) -> Tensor:
-        """Constrained log-probabilities. lprobs: (..., V); ``step`` (the number of target tokens
-        before the predicted one) and ``max_len`` broadcast against ``lprobs[..., 0]``."""
-        lprobs = torch.nan_to_num(lprobs, nan=-math.inf, posinf=math.inf, neginf=-math.inf) + self.bias
-        eos = lprobs[..., self.eos].masked_fill(step < self.min_len, -math.inf)
-        lprobs = lprobs.masked_fill((step >= max_len).unsqueeze(-1), -math.inf)
-        lprobs[..., self.eos] = eos
-        return lprobs
+        """:func:`constrain` with this generator's rules."""
+        return constrain(lprobs, self.bias, self.eos, self.min_len, step, max_len)
+
+    def scores(self, lprobs: Tensor, step: Tensor, max_len: Tensor) -> Scores:
+        constrained = self.apply(lprobs, step, max_len)
+        best_lp, best = constrained.max(dim=-1)
+        return Scores(constrained, best_lp, best)

@@ -17,6 +17,7 @@ class BildStats:
     fallbacks: int = 0  # hand-overs: low confidence or max small steps
     eos_checks: int = 0  # big passes asked for by a small-model EOS
     rollbacks: int = 0
+    iterations: int = 0  # decoding-loop iterations (a small step and at most one big pass each)
 
     def add(self, other: "BildStats") -> None:
         for f in fields(self):

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,7 @@ def tiny_pair(deen_slice, tmp_path_factory) -> Path:
 def tiny_summ_pair(summ_slice, tmp_path_factory) -> Path:
     return tiny.make_tiny_pair(summ_slice, tmp_path_factory.mktemp("tiny-summ-pair"), task="summarization",
                                max_source_tokens=80)
+
+
+# exported ONNX graphs of the tests' throwaway models go to a directory of their own, not the user's cache
+os.environ.setdefault("BILD_ONNX_CACHE", tempfile.mkdtemp(prefix="bild-onnx-tests-"))

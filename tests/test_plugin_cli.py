@@ -46,6 +46,21 @@ def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, tin
     assert "BiLD: " in bild.stderr and "rollbacks" in bild.stderr
 
 
+def test_generate_on_onnxruntime_without_bild_is_greedy_decoding_of_the_path_model(generate, tiny_pair):
+    """--bild-engine onnxruntime alone: a fast greedy decoder for the --path model, no small
+    model needed; its output is stock fairseq's (differences only at near ties, which
+    test_engines checks in process), and a finished run's BiLD statistics say who wrote what."""
+    stock = generate("--batch-size", "16")
+    ort = generate("--batch-size", "16", "--bild-engine", "onnxruntime")
+    assert ort.returncode == 0, ort.stderr
+    ref, got = hypotheses(stock.stdout), hypotheses(ort.stdout)
+    assert len(ref) > 100 and set(got) == set(ref)
+    assert sum(got[k][0] == ref[k][0] for k in ref) >= 0.97 * len(ref)
+    refused = generate("--bild-int8")
+    assert refused.returncode == 1 and "--bild-int8 needs --bild-engine onnxruntime" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--beam", "4"], "--beam must be 1"),
     (["--sampling"], "--sampling is not supported"),

@@ -25,10 +25,10 @@ def build_engine(model: torch.nn.Module, engine: str = "torch", int8: bool = Fal
     onnxruntime package the torch engine runs, and says so once."""
     if engine not in ENGINES:
         raise BildOptionError(f"--bild-engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "onnxruntime" and not _onnxruntime_available():
+    if engine == "onnxruntime" and not onnxruntime_available():
         engine = "torch"
     if engine == "torch":
-        if int8 and _onnxruntime_available():
+        if int8 and onnxruntime_available():
             raise BildOptionError("--bild-int8 needs --bild-engine onnxruntime (8-bit weights are an ONNX Runtime "
                                   "graph; the torch engine runs the checkpoint as it is)")
         from bild_fairseq.engines.torch_engine import TorchEngine
@@ -44,7 +44,7 @@ def build_engine(model: torch.nn.Module, engine: str = "torch", int8: bool = Fal
 
 
 @functools.lru_cache(maxsize=None)
-def _onnxruntime_available() -> bool:
+def onnxruntime_available() -> bool:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

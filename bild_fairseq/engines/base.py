@@ -11,8 +11,11 @@ workers run. An engine owns the model's encoder and a key/value cache of its dec
   model's verification) and returns one log-distribution per new token;
 * the cache itself truncates (rollback) and selects rows (finished sentences leave).
 
-Both calls append the fed tokens to the cache. Results are float32 log-probabilities before
-fairseq's search rules (the loop applies those). An engine is *row-independent* when a row's
+Both calls append the fed tokens to the cache and return :class:`~bild_fairseq.rules.Scores`:
+float32 log-probabilities with fairseq's search rules applied (the loop passes its
+:class:`~bild_fairseq.rules.SearchRules` and each row's length limit; a token's step is its slot,
+the number of target tokens before the one it predicts) and their maximum, so an engine may fuse
+the rules and the argmax into its own model call. An engine is *row-independent* when a row's
 result does not depend on which other rows share the call: ONNX Runtime's kernels are (measured),
 torch's MKL ones are not (they pick kernels by row count).
 """
@@ -23,6 +26,7 @@ from typing import Protocol
 from torch import Tensor
 
 from bild_fairseq.incremental import DecoderCache
+from bild_fairseq.rules import Scores, SearchRules
 
 
 class Engine(Protocol):
@@ -37,14 +41,15 @@ class Engine(Protocol):
         """Encode left-padded sources (B, S); an empty cache with room for ``capacity`` tokens."""
         ...
 
-    def step(self, cache: DecoderCache, tokens: Tensor, visible: int) -> Tensor:
-        """Feed one token per sentence (``tokens``: (B,)); ``visible`` bounds ``length + 1``.
-        Returns (B, V) log-probabilities of the token after each new one."""
+    def step(self, cache: DecoderCache, tokens: Tensor, visible: int, rules: SearchRules, max_len: Tensor) -> Scores:
+        """Feed one token per sentence (``tokens``: (B,)); ``visible`` bounds ``length + 1``;
+        ``max_len``: (B,). Scores of the token after each new one: (B, V), (B,), (B,)."""
         ...
 
-    def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor,
-                visible: int, all_rows: bool) -> Tensor:
+    def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor, visible: int,
+                all_rows: bool, rules: SearchRules, max_len: Tensor) -> Scores:
         """Feed ``counts[r]`` new tokens (``tokens``: (R, K), right-padded) to sentences ``rows``;
         ``visible`` bounds ``length + counts`` over them, ``all_rows``: ``rows`` is every
-        sentence in order. Returns (R, K, V): entry j predicts the token after new token j."""
+        sentence in order; ``max_len``: (R,). Scores (R, K, V), (R, K), (R, K): entry j is of
+        the token after new token j."""
         ...

@@ -3,8 +3,11 @@
 * ``encoder.onnx``: ``src_tokens`` (B, S) -> every decoder layer's cross-attention keys and
   values (L, B, H, S, Dh) and the source mask (B, S);
 * ``decoder.onnx``: ``tokens`` (R, K) fed at slots ``start`` (R,) + 0..K-1, the cached
-  self-attention keys/values (L, R, H, T, Dh), the cross-attention ones and the source mask ->
-  log-probabilities (R, K, V) and the new tokens' keys/values (L, R, H, K, Dh).
+  self-attention keys/values (L, R, H, T, Dh), the cross-attention ones, the source mask and the
+  search rules (``bias`` (V,), ``min_len`` (), ``max_len`` (R,); :func:`~bild_fairseq.rules.constrain`)
+  -> constrained log-probabilities (R, K, V), their maximum and argmax (R, K), and the new
+  tokens' keys/values (L, R, H, K, Dh). The rules and the argmax in the graph spare the decoding
+  loop a dozen small tensor operations per call.
 
 One decoder graph serves any k >= 1 and any rows: one ``run`` per model call. The graphs are
 traced from :class:`IncrementalDecoder`'s own layer functions (same modules, same order of
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -32,11 +36,12 @@ import torch
 from torch import Tensor
 
 from bild_fairseq.incremental import IncrementalDecoder, cross_attention_kv
+from bild_fairseq.rules import constrain
 
 logger = logging.getLogger("bild_fairseq")
 
 #: bump when the graphs' inputs, outputs or math change: older cached graphs are not reused
-GRAPH_VERSION = 1
+GRAPH_VERSION = 3
 OPSET = 17
 #: MatMulNBits settings (the kernel probe: block 128 with accuracy_level 4 is the fast,
 #: row-independent choice on AVX2; accuracy_level 0 is 10x slower)
@@ -86,14 +91,17 @@ class DecoderGraph(torch.nn.Module):
         self.incremental._position_table(self.positions, next(decoder.parameters()))  # a constant of the graph
 
     def forward(self, tokens: Tensor, start: Tensor, self_k: Tensor, self_v: Tensor, cross_k: Tensor,
-                cross_v: Tensor, source_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                cross_v: Tensor, source_mask: Tensor, bias: Tensor, min_len: Tensor,
+                max_len: Tensor) -> tuple[Tensor, ...]:
         r, k = tokens.shape
         _, _, heads, capacity, head_dim = self_k.shape
         slots = start.unsqueeze(1) + torch.arange(k, device=tokens.device)  # (R, K)
         x = self.incremental._embed(tokens, slots, self.positions)
-        # query j of row r sees slots <= start[r] + j: its cached past and the new tokens up to j
-        self_mask = (torch.arange(capacity, device=tokens.device).view(1, 1, capacity)
-                     <= slots.unsqueeze(-1)).unsqueeze(1)  # (R, 1, K, T)
+        # query j of row r sees slots <= start[r] + j: its cached past and the new tokens up to j;
+        # masks made additive once here, not converted in every layer's attention
+        self_mask = _additive((torch.arange(capacity, device=tokens.device).view(1, 1, capacity)
+                               <= slots.unsqueeze(-1)).unsqueeze(1))  # (R, 1, K, T)
+        source_mask = _additive(source_mask[:, None, None, :])
         index = slots.view(r, 1, k, 1).expand(r, heads, k, head_dim)
         new_k, new_v = [], []
         for i, layer in enumerate(self.decoder.layers):
@@ -101,9 +109,16 @@ class DecoderGraph(torch.nn.Module):
                 new_k.append(key)
                 new_v.append(value)
                 return self_k[i].scatter(2, index, key), self_v[i].scatter(2, index, value)
-            x = self.incremental._layer(layer, x, write, cross_k[i], cross_v[i], self_mask,
-                                        source_mask[:, None, None, :])
-        return self.incremental._output(x), torch.stack(new_k), torch.stack(new_v)
+            x = self.incremental._layer(layer, x, write, cross_k[i], cross_v[i], self_mask, source_mask)
+        lprobs = constrain(self.incremental._output(x), bias, self.decoder.dictionary.eos(), min_len, slots,
+                           max_len.unsqueeze(1))
+        best_lp, best = lprobs.max(dim=-1)
+        return lprobs, best_lp, best, torch.stack(new_k), torch.stack(new_v)
+
+
+def _additive(mask: Tensor) -> Tensor:
+    """A boolean attention mask as SDPA's equivalent additive one (0 where True, -inf where False)."""
+    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, -math.inf)
 
 
 def graphs(model: torch.nn.Module, int8: bool, cache_dir: str | Path | None = None) -> tuple[Path, float | None]:
@@ -137,7 +152,7 @@ def export(model: torch.nn.Module, out: Path, int8: bool) -> None:
     if param.dtype != torch.float32 or param.device.type != "cpu":
         raise ExportError(f"the ONNX Runtime engine exports float32 CPU models; this one is {param.dtype} on "
                           f"{param.device} (drop --fp16/--bf16, or use --bild-engine torch)")
-    model = model.eval()
+    model.eval()  # (fairseq's make_generation_fast_ patches train(): eval() then returns None)
     pad = model.encoder.padding_idx
     src = torch.full((2, 7), 5, dtype=torch.long)
     src[0, :2] = pad
@@ -145,19 +160,22 @@ def export(model: torch.nn.Module, out: Path, int8: bool) -> None:
     with torch.no_grad():
         cross_k, cross_v, mask = EncoderGraph(model)(src)
         past = torch.zeros(layers, 2, sa.num_heads, 8, sa.head_dim)
+        vocab = len(model.decoder.dictionary)
         dec_inputs = (torch.full((2, 3), 5, dtype=torch.long), torch.tensor([2, 4]), past, past.clone(),
-                      cross_k, cross_v, mask)
+                      cross_k, cross_v, mask, torch.zeros(vocab), torch.tensor(1), torch.tensor([200, 200]))
         _onnx(EncoderGraph(model), (src,), out / "encoder.onnx", ["src_tokens"],
               ["cross_k", "cross_v", "source_mask"],
               {"src_tokens": {0: "batch", 1: "source"}, "cross_k": {1: "batch", 3: "source"},
                "cross_v": {1: "batch", 3: "source"}, "source_mask": {0: "batch", 1: "source"}})
         _onnx(DecoderGraph(model.decoder), dec_inputs, out / "decoder.onnx",
-              ["tokens", "start", "self_k", "self_v", "cross_k", "cross_v", "source_mask"],
-              ["lprobs", "new_k", "new_v"],
+              ["tokens", "start", "self_k", "self_v", "cross_k", "cross_v", "source_mask", "bias", "min_len",
+               "max_len"],
+              ["lprobs", "best_lp", "best", "new_k", "new_v"],
               {"tokens": {0: "rows", 1: "new"}, "start": {0: "rows"}, "self_k": {1: "rows", 3: "slots"},
                "self_v": {1: "rows", 3: "slots"}, "cross_k": {1: "rows", 3: "source"},
                "cross_v": {1: "rows", 3: "source"}, "source_mask": {0: "rows", 1: "source"},
-               "lprobs": {0: "rows", 1: "new"}, "new_k": {1: "rows", 3: "new"}, "new_v": {1: "rows", 3: "new"}})
+               "max_len": {0: "rows"}, "lprobs": {0: "rows", 1: "new"}, "best_lp": {0: "rows", 1: "new"},
+               "best": {0: "rows", 1: "new"}, "new_k": {1: "rows", 3: "new"}, "new_v": {1: "rows", 3: "new"}})
     if int8:
         for name in ("encoder.onnx", "decoder.onnx"):
             quantize_weights(out / name)
@@ -167,6 +185,9 @@ def _onnx(module: torch.nn.Module, inputs: tuple, path: Path, input_names: list[
           dynamic_axes: dict) -> None:
     import warnings
 
+    # eval() first: the exporter restores the wrapper's training flag afterwards, recursively, and
+    # a fresh wrapper module is in training mode (it would leave the model with dropout on)
+    module.eval()
     with warnings.catch_warnings():  # the TorchScript exporter warns that it is the legacy one
         warnings.simplefilter("ignore")
         torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=OPSET, input_names=input_names,

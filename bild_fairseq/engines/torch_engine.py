@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from bild_fairseq.incremental import DecoderCache, IncrementalDecoder
+from bild_fairseq.rules import Scores, SearchRules
 
 
 class TorchEngine:
@@ -22,9 +23,12 @@ class TorchEngine:
         encoder_out = self.model.encoder.forward_torchscript({"src_tokens": src_tokens, "src_lengths": src_lengths})
         return self.decoder.start(encoder_out, capacity)
 
-    def step(self, cache: DecoderCache, tokens: Tensor, visible: int) -> Tensor:
-        return self.decoder.step(cache, tokens, visible)
+    def step(self, cache: DecoderCache, tokens: Tensor, visible: int, rules: SearchRules, max_len: Tensor) -> Scores:
+        step = cache.length.clone()
+        return rules.scores(self.decoder.step(cache, tokens, visible), step, max_len)
 
-    def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor,
-                visible: int, all_rows: bool) -> Tensor:
-        return self.decoder.forward(cache, rows, tokens, counts, visible=visible, all_rows=all_rows)
+    def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor, visible: int,
+                all_rows: bool, rules: SearchRules, max_len: Tensor) -> Scores:
+        step = cache.length[rows].unsqueeze(1) + torch.arange(tokens.size(1), device=tokens.device)
+        lprobs = self.decoder.forward(cache, rows, tokens, counts, visible=visible, all_rows=all_rows)
+        return rules.scores(lprobs, step, max_len.unsqueeze(1))

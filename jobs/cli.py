@@ -134,6 +134,11 @@ def main() -> None:
 @click.option("--max-len-a", type=float, help="max output length a*source+b [pair.json's]")
 @click.option("--max-len-b", type=int, help="max output length a*source+b [pair.json's]")
 @click.option("--fp16", is_flag=True, help="half precision (GPU)")
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]),
+              help="runtime of greedy decoding (fairseq-generate's --bild-engine): onnxruntime runs both models "
+              "as exported ONNX graphs on the CPU [pair.json's measured default, else torch]")
+@click.option("--int8/--no-int8", default=None, help="onnxruntime: 8-bit weights for both models "
+              "(fairseq-generate's --bild-int8) [pair.json's measured default, else no]")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
               help="source tokens per batch")
 @click.option("--max-sentences", type=click.IntRange(min=1), help="sentences per batch [no limit]")
@@ -164,7 +169,8 @@ def main() -> None:
 def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, shards: int | None, executor: str,
         workers: int | None, mode: str, small_checkpoint: str | None, bild_exact: bool,
         fallback_threshold: float | None, rollback_threshold: float | None, max_small_steps: int | None,
-        wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool, max_tokens: int,
+        wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool,
+        engine: str | None, int8: bool | None, max_tokens: int,
         max_sentences: int | None, device: str, allow_binary: bool, chunk_lines: int, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
         cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], poll_interval: float | None,
@@ -201,7 +207,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
                             fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
                             max_small_steps=max_small_steps, wait_share=wait_share, max_wait=max_wait,
                             verify_drafting=verify_drafting, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
-                            fp16=fp16)
+                            fp16=fp16, engine=engine, int8=int8)
         slots = plan_slots(device, workers) if executor == "local" else []
         request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,
                              parallel=len(slots) or workers, max_tokens=max_tokens, max_sentences=max_sentences,

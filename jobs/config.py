@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from bild_fairseq.config import BATCH_POLICY, SETTINGS, THRESHOLDS, BildChoice, BildOptionError, check_settings
+from bild_fairseq.engines import ENGINES
 from bild_fairseq.pairdir import PairSpec
 from jobs.shards import plan
 from jobs.workdir import write_atomic
@@ -34,6 +35,8 @@ class Decoding(BildChoice):
     max_len_a: float | None = None
     max_len_b: int | None = None
     fp16: bool = False
+    engine: str | None = None  # None: the pair's measured default (pair.json's "run"), else torch
+    int8: bool | None = None  # 8-bit weights (onnxruntime); None: the pair's measured default, else no
 
     def __post_init__(self) -> None:
         if self.mode is not None and self.mode not in MODES:
@@ -49,13 +52,26 @@ class Decoding(BildChoice):
                               "beam search is for the --big-only/--small-only baselines")
         if self.mode == "big" and self.small_checkpoint is not None:
             raise ConfigError("--small-checkpoint has no effect with --big-only: drop it")
+        if self.engine is not None and self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.int8 and self.engine == "torch":
+            raise ConfigError("--int8 is a precision of the onnxruntime engine: give --engine onnxruntime, or drop --int8")
+        if self.engine == "onnxruntime" and (self.beam != 1 or self.fp16):
+            raise ConfigError("the onnxruntime engine decodes greedily in fp32 or 8-bit weights: drop --beam/--fp16, "
+                              "or use --engine torch")
 
     def resolve(self, spec: PairSpec) -> "Decoding":
         """The mode in effect: the one given; else BiLD when a BiLD option is given; else the
-        pair's measured default (pair.json's "run": {"mode": ...}), else BiLD."""
-        if self.mode is not None:
-            return self
-        return replace(self, mode="bild" if self.bild_given() else spec.run.get("mode", "bild"))
+        pair's measured default (pair.json's "run": {"mode": ...}), else BiLD. The engine and
+        precision likewise: given, else the pair's ("run": {"engine", "precision"}) where it
+        fits (greedy, fp32 models), else torch."""
+        mode = self.mode or ("bild" if self.bild_given() else spec.run.get("mode", "bild"))
+        engine, int8 = self.engine, self.int8
+        if engine is None:
+            engine = spec.run.get("engine", "torch") if self.beam == 1 and not self.fp16 else "torch"
+        if int8 is None:
+            int8 = engine == spec.run.get("engine") == "onnxruntime" and spec.run.get("precision") == "int8"
+        return replace(self, mode=mode, engine=engine, int8=int8)
 
     def check_pair(self, spec: PairSpec) -> None:
         """Refuse, before any work, what every worker would fail on: a missing model file, or
@@ -82,7 +98,7 @@ class Decoding(BildChoice):
         return {"bild": [spec.big, small], "big": [spec.big], "small": [small]}[self.resolve(spec).mode]
 
     def translator_kwargs(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "engine": self.engine or "torch", "int8": bool(self.int8)}
 
 
 def pair_fingerprint(spec: PairSpec, decoding: Decoding, digest: Callable[[Path], str]) -> dict:
@@ -132,6 +148,11 @@ class RunConfig:
         only when the big model runs), so a resumed run may change those."""
         data = asdict(self)
         data["decoding"] = {k: v for k, v in data["decoding"].items() if k not in BATCH_POLICY}
+        # the torch engine in fp32 is what every run did before engines existed: leaving it out
+        # keeps those work directories resumable
+        if data["decoding"].get("engine") in (None, "torch") and not data["decoding"].get("int8"):
+            data["decoding"].pop("engine", None)
+            data["decoding"].pop("int8", None)
         return {key: data[key] for key in self.HASHED}
 
     def ranges(self) -> list[range]:

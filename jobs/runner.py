@@ -71,8 +71,10 @@ def mode_note(given: Decoding, resolved: Decoding, spec: PairSpec) -> str | None
                 f"{MODE_FLAGS[default]}" + (f" ({spec.run['why']})" if "why" in spec.run else ""))
     if given.mode is not None or "why" not in spec.run:
         return None
-    return (f"mode: {MODE_FLAGS[resolved.mode]}, the pair's measured default: {spec.run['why']}; "
-            "give --bild or --big-only to choose")
+    engine = "" if given.engine is not None or resolved.engine == "torch" else \
+        f" on --engine {resolved.engine}{' --int8' if resolved.int8 else ''}"
+    return (f"mode: {MODE_FLAGS[resolved.mode]}{engine}, the pair's measured default: {spec.run['why']}; "
+            "give --bild or --big-only (and --engine) to choose")
 
 
 def check_request(req: RunRequest, echo: Callable[[str], None] | None = None) -> tuple[RunRequest, PairSpec]:

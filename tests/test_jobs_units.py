@@ -334,9 +334,30 @@ def test_the_mode_is_the_given_one_else_bild_for_bild_options_else_the_pairs_mea
     assert Decoding(mode="bild").resolve(measured).mode == "bild"
     assert Decoding(wait_share=0.5).resolve(measured).mode == "bild"
     assert Decoding(exact=True).resolve(measured).mode == "bild"
-    assert Decoding(beam=4).resolve(measured) == Decoding(mode="big", beam=4)
+    assert Decoding(beam=4).resolve(measured) == Decoding(mode="big", beam=4, engine="torch", int8=False)
     with pytest.raises(ConfigError, match="BiLD decodes greedily"):
         Decoding(beam=4).resolve(spec)
+
+
+def test_the_engine_is_the_given_one_else_the_pairs_measured_default_where_it_fits(tiny_pair):
+    from dataclasses import replace
+
+    from bild_fairseq.pairdir import PairSpec
+
+    spec = PairSpec.load(tiny_pair)
+    fast = replace(spec, run={"mode": "big", "engine": "onnxruntime", "precision": "int8", "why": "measured"})
+    runtime = lambda d, s=fast: (lambda r: (r.engine, r.int8))(d.resolve(s))  # noqa: E731
+    assert runtime(Decoding(), spec) == ("torch", False)  # no engine in pair.json: torch
+    assert runtime(Decoding()) == ("onnxruntime", True)
+    assert runtime(Decoding(int8=False)) == ("onnxruntime", False)
+    assert runtime(Decoding(engine="torch")) == ("torch", False)
+    assert runtime(Decoding(mode="big", beam=4)) == ("torch", False)  # beam search: torch's
+    with pytest.raises(ConfigError, match="--int8 is a precision of the onnxruntime engine"):
+        Decoding(engine="torch", int8=True)
+    # a run made before engines existed (torch, fp32) keeps its configuration hash
+    torch_fp32 = _config(decoding=Decoding(mode="big", engine="torch", int8=False))
+    assert "engine" not in torch_fp32.hashed()["decoding"] and torch_fp32.hash == _config(decoding=Decoding(mode="big")).hash
+    assert _config(decoding=Decoding(mode="big", engine="onnxruntime", int8=True)).hash != torch_fp32.hash
 
 
 def test_local_slots_one_per_visible_gpu_or_cpu_workers_with_a_share_of_cores(monkeypatch):

@@ -140,23 +140,24 @@ class BildSequenceGenerator(SequenceGenerator):
         """No small model: greedy decoding, one one-token pass per iteration (BiLD's big-only
         baseline, and ``--bild-engine`` without ``--bild``). BiLD's loop would give the same
         tokens (every proposal is the big model's own); this one skips its bookkeeping."""
-        n_max, calls, passes = 1, 0, 0
+        n_max, calls, last = 1, 0, s.tokens[:, 0]
+        s.from_big[:] = True  # every token is the big model's
         while True:
-            last = s.tokens.gather(1, (s.n - 1).unsqueeze(1)).squeeze(1)
             _, best_lp, best = self.big.step(cache, last, n_max, self.rules, s.max_len)
             at = s.n.unsqueeze(1)
             s.tokens.scatter_(1, at, best.unsqueeze(1))
             s.scores.scatter_(1, at, best_lp.unsqueeze(1))
-            s.from_big.scatter_(1, at, True)
-            s.n += 1
+            s.n += 1  # every sentence advances: the longest has n_max + 1 tokens
             s.finished = best == self.eos
-            calls, passes = calls + s.size, passes + 1
-            n_done, n_max = torch.stack([s.finished.sum(), s.n.max()]).tolist()
-            if n_done and self._retire(s, (cache,), hypotheses):
-                break
+            last, n_max, calls = best, n_max + 1, calls + s.size
+            if s.finished.any():  # the loop's one host read per iteration
+                keep = ~s.finished
+                if self._retire(s, (cache,), hypotheses):
+                    break
+                last = last[keep]
         s.counters[COUNTERS.index("big_calls")] += calls
-        s.counters[COUNTERS.index("big_passes")] += passes
-        return passes
+        s.counters[COUNTERS.index("big_passes")] += n_max - 1
+        return n_max - 1
 
     def _retire(self, s: "_BatchState", caches: tuple[DecoderCache, ...], hypotheses: list[list[dict]]) -> bool:
         """Finished sentences leave the batch and its caches; True when none is left."""

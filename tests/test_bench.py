@@ -16,7 +16,9 @@ from jobs_fixtures import real_lines
 
 pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
 N_LINES = 10
-VARIANTS = ["stock", "big", "small", "bild-exact", "bild-default", "bild-tuned", "ct2-fp32", "ct2-int8"]
+ENGINE_VARIANTS = ["big", "bild-exact", "bild-default", "bild-tuned"]
+VARIANTS = ["stock", "big", "small", "bild-exact", "bild-default", "bild-tuned",
+            *(v + tag for tag in ("/ort", "/ort8") for v in ENGINE_VARIANTS), "ct2-fp32", "ct2-int8"]
 BATCHINGS = ["batch 1", "batch 4", "max-tokens 120"]
 
 
@@ -31,9 +33,9 @@ def run(active_pair, tmp_path_factory):
         "small": [{"checkpoint": None, "tuned": {"fallback_threshold": 0.0, "rollback_threshold": 3.0,
                                                  "max_small_steps": 6}}]}]}))
     (d / "BENCHMARKS.md").write_text("# Benchmarks\n\nanalysis written by hand\n")
-    out = CliRunner().invoke(bench, [str(suites), "--out", str(d / "out"), "--repeats", "2",
-                                                     "--batch", "1", "--batch", "4", "--batch", "tokens:120",
-                                                     "--update-markdown", str(d / "BENCHMARKS.md")])
+    out = CliRunner().invoke(bench, [str(suites), "--out", str(d / "out"), "--repeats", "2", "--no-memory",
+                                     "--batch", "1", "--batch", "4", "--batch", "tokens:120",
+                                     "--update-markdown", str(d / "BENCHMARKS.md")])
     assert out.exit_code == 0, out.output + out.stderr + repr(out.exception)
     return d, json.loads((d / "out" / "bench.json").read_text()), out.stdout
 
@@ -48,7 +50,6 @@ def test_every_variant_and_batching_is_measured(run):
         assert len(r["seconds"]) == 2 and min(r["seconds"]) <= r["median_seconds"] <= max(r["seconds"])
         assert r["tokens"] >= N_LINES and r["tokens_per_second"] > r["sentences_per_second"] > 0
         assert set(r["scores"]) == {"BLEU", "chrF"}
-        assert r["memory"]["peak_rss_mib"] >= r["memory"]["loaded_rss_mib"] > 50
         if r["variant"] == "stock":
             assert r["speedup_vs_stock"] == 1.0
     tuned = next(r for r in suite["rows"] if r["variant"] == "bild-tuned")
@@ -63,8 +64,29 @@ def test_exact_mode_and_big_loop_output_equals_stock_fairseq(run):
     for r in suite["rows"]:
         if r["variant"] in ("big", "bild-exact"):
             assert r["same_as_stock"] == N_LINES, r
-    exact = next(r for r in suite["rows"] if r["variant"] == "bild-exact")
+        if r["variant"].startswith("bild-exact"):  # on every engine: its own big-only greedy output
+            assert r["same_as_big"] == N_LINES, r
+    exact = next(r for r in suite["rows"] if r["variant"] == "bild-exact/ort8")
     assert exact["stats"]["small_tokens"] > 0  # the small model really contributed
+
+
+def test_engine_accounting_covers_every_engine(run):
+    """Call costs per engine and model, and the loop's bookkeeping per iteration at batch 1."""
+    _, result, _ = run
+    suite = result["suites"][0]
+    assert set(suite["call_costs_ms"]) == {f"{e} {m}" for e in ("torch", "ort fp32", "ort int8") for m in ("big", "small")}
+    for costs in suite["call_costs_ms"].values():
+        assert set(costs) == {"forward k=1", "forward k=2", "forward k=4", "forward k=8", "step"}
+        assert all(ms > 0 for ms in costs.values())
+    loop = suite["loop_batch1"]
+    assert set(loop) == {v for v in VARIANTS if v.startswith(("big", "bild"))}
+    tokens = {r["variant"]: r["tokens"] for r in suite["rows"] if r["batching"] == "batch 1"}
+    for name, split in loop.items():
+        assert split["bookkeeping_ms_per_iteration"] > 0 and split["model_ms"] > 0
+        if name.startswith("big"):  # the greedy loop: one iteration and one step per token
+            assert split["iterations"] == tokens[name] == split["calls"]["big step"]["calls"]
+        else:
+            assert split["calls"]["small step"]["calls"] == split["iterations"] >= tokens[name]
 
 
 def test_ctranslate2_rows_decode_the_converted_big_model(run):
@@ -90,10 +112,13 @@ def test_missing_ctranslate2_skips_its_rows_with_a_note(active_pair, tmp_path, m
         "source": str(write_lines(tmp_path / "src.de", "lohelp.de-en.test.de.xz", 2)),
         "reference": str(write_lines(tmp_path / "ref.en", "lohelp.de-en.test.en.xz", 2))}]}))
     out = CliRunner().invoke(bench, [str(suites), "--out", str(tmp_path / "out"), "--repeats", "1",
-                                     "--batch", "1", "--no-memory"])
+                                     "--batch", "1", "--engine", "torch"])
     assert out.exit_code == 0, out.output
     suite = json.loads((tmp_path / "out" / "bench.json").read_text())["suites"][0]
     assert not any(r["variant"].startswith("ct2") for r in suite["rows"])
+    assert not any("/ort" in r["variant"] for r in suite["rows"])  # --engine torch only
+    for r in suite["rows"]:
+        assert r["memory"]["peak_rss_mib"] >= r["memory"]["loaded_rss_mib"] > 50
     assert "Note: CTranslate2 rows skipped: CTranslate2 is not installed." in (tmp_path / "out" / "bench.md").read_text()
 
 
@@ -101,12 +126,16 @@ def test_markdown_has_every_column_and_the_targets(run):
     d, result, stdout = run
     md = (d / "out" / "bench.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| batching"))
-    for column in ["time (s)", "sent/s", "tok/s", "× stock", "× big", "BLEU", "chrF", "= stock", "fallback",
-                   "rollback", "big tokens", "peak RSS (MiB)"]:
+    for column in ["time (s)", "sent/s", "tok/s", "× stock", "× big", "BLEU", "chrF", "= stock",
+                   "= big (same engine)", "fallback", "rollback", "big tokens", "peak RSS (MiB)"]:
         assert f" {column} |" in header
     rows = [line for line in md.splitlines() if line.startswith("| batch ") or line.startswith("| max-tokens")]
-    assert len(rows) == len(BATCHINGS) * len(VARIANTS) and all("—" not in r.split("|")[-2] for r in rows)
+    assert len(rows) == len(BATCHINGS) * len(VARIANTS)
     assert "output identical to stock, every batching | bild-exact | 10/10 lines | met" in md
+    assert "output identical to big/ort8 (same engine), every batching | bild-exact/ort8 | 10/10 lines | met" in md
+    assert "| ORT 8-bit big-only greedy >= 1.0x CTranslate2 int8, batch 1 | big/ort8 |" in md
+    assert "| ort int8 big |" in md and "bookkeeping ms/iteration" in md
+    assert "--big-only --engine onnxruntime --int8" in md
     assert md in stdout and "`bild-jobs run` flags" in md and "--fallback-threshold 0 --rollback-threshold 3" in md
     assert "--repeats 2" in result["command"] and "suites.json" in result["command"]
     page = (d / "BENCHMARKS.md").read_text()

@@ -38,12 +38,17 @@ from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
 from jobs.shards import read_lines
 from jobs.tuning.agreement import agreement
+from jobs.tuning.costs import loop_split, pass_costs
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Result, Variant, bild_rates,
-                                 detokenize, encode, measure)
+                                 detokenize, encode, engine_tag, measure, plan_batches)
 from jobs.tuning.peers import PeerUnavailable, ct2_missing
 from jobs.workdir import sha256_file
 
 DEFAULT_BATCHINGS = ("1", "16", "tokens:4096")
+#: the engines measured, named as --engine takes them
+ENGINE_CHOICES = {"torch": ("torch", False), "onnxruntime": ("onnxruntime", False),
+                  "onnxruntime-int8": ("onnxruntime", True)}
+DEFAULT_ENGINES = tuple(ENGINE_CHOICES.values())
 
 
 @dataclass(frozen=True)
@@ -57,18 +62,22 @@ class SmallModel:
     def suffix(self) -> str:
         return "" if self.checkpoint is None else "@" + Path(self.checkpoint).stem
 
-    def variants(self, per_sentence: bool = False) -> list[Variant]:
+    def variants(self, per_sentence: bool = False, engine: str = "torch", int8: bool = False) -> list[Variant]:
         """``per_sentence``: also exact and default BiLD under the paper's per-sentence batch
-        policy (the big model runs as soon as one sentence needs it), beside pair.json's."""
-        ckpt, s = self.checkpoint, self.suffix
-        out = [Variant(f"small{s}", "small", ckpt), Variant(f"bild-exact{s}", "bild", ckpt, exact=True),
-               Variant(f"bild-default{s}", "bild", ckpt)]
+        policy (the big model runs as soon as one sentence needs it), beside pair.json's. On
+        another engine than torch: the BiLD variants only (the small-only row is torch's)."""
+        ckpt, rt = self.checkpoint, {"engine": engine, "int8": int8}
+        s = self.suffix + engine_tag(engine, int8)
+        out = [Variant(f"bild-exact{s}", "bild", ckpt, exact=True, **rt), Variant(f"bild-default{s}", "bild", ckpt, **rt)]
+        if engine == "torch":
+            out.insert(0, Variant(f"small{s}", "small", ckpt))
         if per_sentence:
             eager = {"wait_share": 0.0, "verify_drafting": False}
-            out += [Variant(f"bild-exact-eager{s}", "bild", ckpt, exact=True, **eager),
-                    Variant(f"bild-default-eager{s}", "bild", ckpt, **eager)]
+            out += [Variant(f"bild-exact-eager{s}", "bild", ckpt, exact=True, **eager, **rt),
+                    Variant(f"bild-default-eager{s}", "bild", ckpt, **eager, **rt)]
         if self.tuned:
-            out.append(Variant(f"bild-tuned{s}", "bild", ckpt, **{t: self.tuned[t] for t in SETTINGS if t in self.tuned}))
+            out.append(Variant(f"bild-tuned{s}", "bild", ckpt, **{t: self.tuned[t] for t in SETTINGS if t in self.tuned},
+                               **rt))
         return out
 
 
@@ -82,9 +91,12 @@ class Suite:
     limit: int | None = None  # first N test lines (a slow pair can be given fewer)
     per_sentence: bool = False  # also the per-sentence batch policy's rows (SmallModel.variants)
 
-    def variants(self, peers: bool = True) -> list[Variant]:
-        own = [Variant("stock", "stock"), Variant("big", "big"),
-               *(v for s in self.small for v in s.variants(self.per_sentence))]
+    def variants(self, peers: bool = True, engines: tuple[tuple[str, bool], ...] = (("torch", False),)) -> list[Variant]:
+        """stock, then per engine (torch first) the big-only loop and the BiLD variants, then the peers."""
+        own = [Variant("stock", "stock")]
+        for engine, int8 in dict.fromkeys((("torch", False), *engines)):
+            own += [Variant("big" + engine_tag(engine, int8), "big", engine=engine, int8=int8),
+                    *(v for s in self.small for v in s.variants(self.per_sentence, engine, int8))]
         return own + ([Variant("ct2-fp32", "ct2", compute_type="float32"),
                        Variant("ct2-int8", "ct2", compute_type="int8")] if peers else [])
 
@@ -128,20 +140,25 @@ def _row(v: Variant, batching: Batching, r: Result, results: dict[str, Result], 
         row[f"speedup_vs_{base}"] = results[base].median_seconds / seconds if base in results else None
     if "stock" in results:
         row["same_as_stock"] = sum(a.equal(b) for a, b in zip(r.tokens, results["stock"].tokens))
+    if (big := "big" + v.engine_tag) in results:  # the same engine and precision's greedy output
+        row["same_as_big"] = sum(a.equal(b) for a, b in zip(r.tokens, results[big].tokens))
     if v.mode == "bild":
         row.update(stats=r.stats, **bild_rates(r.stats))
     return row
 
 
 def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int | None, device: str,
-              threads: int | None, memory: bool, echo) -> dict:
+              threads: int | None, memory: bool, echo, engines: tuple[tuple[str, bool], ...] = DEFAULT_ENGINES) -> dict:
     """Measure every variant of ``suite`` at every batching; the suite's JSON result."""
     limit = limit or suite.limit
     lines, refs = read_lines(suite.source, limit), read_lines(suite.reference, limit)
     if len(lines) != len(refs):
         raise MeasureError(f"{suite.source} has {len(lines)} lines but {suite.reference} has {len(refs)}")
     notes = [f"CTranslate2 rows skipped: {why}"] if (why := ct2_missing()) else []
-    variants = suite.variants(peers=why is None)
+    if any(e == "onnxruntime" for e, _ in engines) and (why_not := ort_missing(device)):
+        notes.append(f"ONNX Runtime rows skipped: {why_not}")
+        engines = tuple((e, i) for e, i in engines if e != "onnxruntime")
+    variants = suite.variants(peers=why is None, engines=engines)
     models = PairModels(suite.pair, variants, device)
     translators = {}
     for v in variants:
@@ -153,6 +170,7 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
     if any(v.mode == "ct2" for v in variants):
         notes.append(f"CTranslate2 conversion of {models.spec.big}: {models.conversion_seconds:.1f} s "
                      "(0 = cached), not timed")
+    notes += export_notes(translators.values())
     sources = encode(models.base, lines)
     echo(f"[{suite.name}] {len(lines)} lines, {len(variants)} variants, {repeats} repeat(s)")
     rows, signatures, first = [], {}, None
@@ -165,6 +183,14 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
             scores = score_task(models.spec.task, detokenize(models.base, results[v.name].tokens), refs)
             signatures.update({s.name: s.signature for s in scores})
             rows.append(_row(v, batching, results[v.name], results, {s.name: s.value for s in scores}))
+    loop = {}
+    if any(b.max_sentences == 1 for b in batchings):  # bookkeeping per loop iteration at batch 1, untimed pass
+        echo(f"[{suite.name}] loop accounting at batch 1")
+        batches = [[sources[i] for i in b] for b in plan_batches(sources, Batching(1, 1_000_000))]
+        loop = {v.name: loop_split(translators[v.name], batches) for v in variants if v.mode in ("big", "bild")}
+    echo(f"[{suite.name}] model call costs per engine")
+    longest = max(sources, key=lambda s: s.numel())
+    costs = pass_costs(models, longest, tuple(dict.fromkeys((("torch", False), *engines))))
     tgt = models.base.task.target_dictionary
     agreements = {s.checkpoint or models.spec.small: agreement(models.small[s.checkpoint], sources,
                                                                  first["big"].tokens, tgt.pad(), tgt.eos())
@@ -177,7 +203,29 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
             "reference": str(suite.reference), "lines": len(lines), "pair_bild": models.spec.bild,
             "variants": [{**asdict(v), "run_flags": v.run_flags(models.spec.bild),
                           "generate_flags": v.generate_flags(models.spec.bild)} for v in variants],
-            "signatures": signatures, "agreement": agreements, "notes": notes, "rows": rows}
+            "signatures": signatures, "agreement": agreements, "notes": notes, "rows": rows,
+            "loop_batch1": loop, "call_costs_ms": costs, "call_costs_source_tokens": longest.numel()}
+
+
+def ort_missing(device: str) -> str | None:
+    """Why the ONNX Runtime rows cannot run here (None: they can)."""
+    from bild_fairseq.engines import onnxruntime_available
+
+    if device != "cpu":
+        return f"the onnxruntime engine runs on the CPU, not {device}"
+    return None if onnxruntime_available() else "onnxruntime is not installed"
+
+
+def export_notes(translators) -> list[str]:
+    """What exporting each model's ONNX graphs took (never inside a timed region)."""
+    seconds = {}
+    for t in translators:
+        for role in ("big", "small"):
+            engine = getattr(t.generator, role, None)
+            if getattr(engine, "export_seconds", None) is not None:
+                seconds[(role, engine.precision)] = engine.export_seconds
+    return [f"ONNX export of the {role} model ({precision}): {s:.1f} s, before timing (cached after)"
+            for (role, precision), s in seconds.items()]
 
 
 def _add_peak_memory(suite: Suite, variants: list[Variant], lines: list[str], batchings: list[Batching],
@@ -215,14 +263,15 @@ def machine() -> dict:
 
 
 def run_benchmark(suites: list[Suite], batchings: list[Batching], repeats: int, limit: int | None, device: str,
-                  threads: int | None, memory: bool, command: str, echo) -> dict:
+                  threads: int | None, memory: bool, command: str, echo,
+                  engines: tuple[tuple[str, bool], ...] = DEFAULT_ENGINES) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     started = time.time()
     info = machine()
-    results = [run_suite(s, batchings, repeats, limit, device, threads, memory, echo) for s in suites]
+    results = [run_suite(s, batchings, repeats, limit, device, threads, memory, echo, engines) for s in suites]
     info["load_average_end"] = list(os.getloadavg())
     return {"format": 1, "command": command, "wall_seconds": time.time() - started,
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "device": device,
@@ -259,10 +308,14 @@ def command_line(ctx: click.Context) -> str:
               help="peak RSS per variant, each in a fresh process, after the timing (one more pass each)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads [torch's default, OMP_NUM_THREADS]")
+@click.option("--engine", "engine_names", multiple=True, type=click.Choice(list(ENGINE_CHOICES)),
+              default=tuple(ENGINE_CHOICES), show_default=True,
+              help="engines of the big-only and BiLD rows (torch always; repeatable)")
 @click.option("--update-markdown", type=click.Path(dir_okay=False, path_type=Path),
               help="also rewrite the generated section of this file (e.g. BENCHMARKS.md)")
 def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tuple[str, ...], repeats: int,
-          limit: int | None, memory: bool, device: str, threads: int | None, update_markdown: Path | None) -> None:
+          limit: int | None, memory: bool, device: str, threads: int | None, engine_names: tuple[str, ...],
+          update_markdown: Path | None) -> None:
     from jobs.tuning.benchreport import render, update_section
 
     try:
@@ -274,7 +327,7 @@ def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tupl
         batchings = [Batching.parse(b) for b in batch_texts]
         command = command_line(click.get_current_context())
         result = run_benchmark(suites, batchings, repeats, limit, device, threads, memory, command,
-                               lambda m: click.echo(m, err=True))
+                               lambda m: click.echo(m, err=True), tuple(ENGINE_CHOICES[n] for n in engine_names))
     except (MeasureError, PairDirError, BildOptionError) as e:
         raise click.ClickException(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)

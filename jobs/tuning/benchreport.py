@@ -40,7 +40,7 @@ def _run_description(result: dict) -> list[str]:
 def _suite_table(suite: dict) -> list[str]:
     quality = QUALITY_COLUMNS[suite["task"]]
     header = ["batching", "variant", "time (s)", "sent/s", "tok/s", "× stock", "× big", *quality, "= stock",
-              "fallback", "rollback", "big tokens", "peak RSS (MiB)"]
+              "= big (same engine)", "fallback", "rollback", "big tokens", "peak RSS (MiB)"]
     rows = []
     for r in suite["rows"]:
         memory = r.get("memory")
@@ -49,10 +49,31 @@ def _suite_table(suite: dict) -> list[str]:
             f"{r['sentences_per_second']:.1f}", f"{r['tokens_per_second']:.0f}",
             _num(r["speedup_vs_stock"]), _num(r["speedup_vs_big"]), *(f"{r['scores'][q]:.2f}" for q in quality),
             f"{r['same_as_stock']}/{suite['lines']}" if "same_as_stock" in r else "—",
+            f"{r['same_as_big']}/{suite['lines']}" if "same_as_big" in r else "—",
             _pct(r.get("fallback_rate")), _pct(r.get("rollback_rate")), _pct(r.get("big_token_share")),
             f"{memory['peak_rss_mib']:.0f}" if memory else "—",
         ])
     return _table(header, rows)
+
+
+def _costs_tables(suite: dict) -> list[str]:
+    """Model call costs per engine, and the loop's bookkeeping per iteration at batch 1."""
+    out = []
+    if suite.get("call_costs_ms"):
+        labels = list(next(iter(suite["call_costs_ms"].values())))
+        out += ["", f"Model call costs (ms per call, one sentence of {suite['call_costs_source_tokens']} source "
+                    "tokens after a 20-token prefix; `forward k`: a k-token pass, BiLD's verification):", ""]
+        out += _table(["engine, model", *labels], [[name, *(f"{row[k]:.3f}" for k in labels)]
+                                                  for name, row in suite["call_costs_ms"].items()])
+    if suite.get("loop_batch1"):
+        out += ["", "Batch 1, one untimed-by-the-table pass: the loop's own bookkeeping between model calls "
+                    "(state updates, policies, cache appends) per loop iteration, and host reads:", ""]
+        out += _table(["variant", "iterations", "bookkeeping ms/iteration", "share of time", "host reads/iteration"],
+                      [[name, str(x["iterations"]), f"{x['bookkeeping_ms_per_iteration']:.3f}",
+                        _pct(x["bookkeeping_ms_per_iteration"] * x["iterations"]
+                             / (x["bookkeeping_ms_per_iteration"] * x["iterations"] + x["model_ms"])),
+                        f"{x['host_reads_per_iteration']:.2f}"] for name, x in suite["loop_batch1"].items()])
+    return out
 
 
 def render_suite(suite: dict) -> list[str]:
@@ -63,6 +84,7 @@ def render_suite(suite: dict) -> list[str]:
                "are also the small model's argmax, same source and prefix): "
                + ", ".join(f"`{name}` {100 * a:.1f}%" for name, a in suite["agreement"].items()) + ".")
     out += [f"Note: {n}." for n in suite.get("notes", [])]
+    out += _costs_tables(suite)
     out += ["", "Variants (`bild-jobs run` flags; pair.json: "
             + ", ".join(f"{k} {v}" for k, v in suite["pair_bild"].items()) + "):", ""]
     out += _table(["variant", "flags"], [[v["name"], "`" + " ".join(v["run_flags"]) + "`"] for v in suite["variants"]

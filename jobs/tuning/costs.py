@@ -1,17 +1,17 @@
-"""Where BiLD's time goes on this machine, for BENCHMARKS.md's analysis.
+"""Where decoding time goes on this machine, per engine: the cost of each model call, and the
+decoding loop's own bookkeeping between calls.
 
     OMP_NUM_THREADS=1 python -m jobs.tuning.costs data/pairs/deen data/corpora/lohelp.de-en.test.de.xz --limit 100
 
-1. The cost of one decoder pass of each model over k new tokens (for each of ``--rows``
-   sentences, after a 20-token prefix): BiLD bets that the big model verifying k tokens in one
-   pass costs about one pass, and batched BiLD that a pass over many rows costs about one pass.
-   ``step`` is the specialised one-token pass the loop uses where it can.
-2. Each variant's decoding time (at ``--batch``, default 1) split into model passes and the loop's own
-   bookkeeping, by timing the generator's step methods (a diagnostic: the wrappers add a few
-   microseconds per call), and the host reads per loop iteration: every call that turns a
-   tensor into a Python value (``item``, ``tolist``, ``bool``/``int``/``float``, ``nonzero``),
-   each of which stalls a GPU's launch queue. Runs on older checkouts too (it looks the step
-   methods up by name), which is how BENCHMARKS.md compares the old and the new engine.
+1. :func:`pass_costs`: milliseconds per model call on each engine (torch, ONNX Runtime fp32 and
+   8-bit): the one-token step (every proposal, and the big-only loop), a k-token pass for
+   k = 1, 2, 4, 8 (BiLD's verification: it bets a k-token pass costs about one step), for each
+   of ``--rows`` sentences after a 20-token prefix.
+2. :class:`LoopTimer`: one variant's decoding time split into model calls (its engines' start,
+   step and forward, timed on the instances) and the loop's bookkeeping: search-rule-free state
+   updates, policies, argmax handling, cache appends, per loop iteration. Also the host reads
+   per iteration (``item``, ``tolist``, ...: each stalls a GPU's launch queue). The wrappers add
+   about a microsecond per call; ``bild-jobs bench`` reports this split for batch 1.
 """
 from __future__ import annotations
 
@@ -21,109 +21,115 @@ from collections import defaultdict
 
 import torch
 
-from bild_fairseq import generator, incremental
+from bild_fairseq.engines import build_engine
+from bild_fairseq.rules import SearchRules
 from jobs.shards import read_lines
-from jobs.tuning.measure import Batching, PairModels, Variant, encode, generate, plan_batches, stats_of
+from jobs.tuning.measure import Batching, PairModels, Variant, encode, generate, plan_batches
 
-KS = (1, 2, 4, 8, 11)
-#: timed methods (old engine's names, then the new one's) -> column label
-STEPS = {("_small_step", "_propose"): "small step", ("_big_step", "_verify"): "big step",
-         ("forward",): "decoder forward", ("step",): "decoder step", ("start",): "cache start"}
-#: columns: decoder calls are split by model
-COLUMNS = ("small step", "small decoder forward", "small decoder step", "big step", "big decoder forward",
-           "big decoder step", "small cache start", "big cache start")
+KS = (1, 2, 4, 8)
+#: engine, 8-bit weights -> the label tables use
+ENGINES = {("torch", False): "torch", ("onnxruntime", False): "ort fp32", ("onnxruntime", True): "ort int8"}
 #: tensor methods that read device values into Python
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
 
-def pass_costs(models: PairModels, source: torch.Tensor, rows: int = 1, repeats: int = 200) -> dict[str, dict]:
-    """Milliseconds per decoder pass over k new tokens for each of ``rows`` sentences, per model."""
-    net = {"src_tokens": source[None].expand(rows, -1), "src_lengths": torch.tensor([source.numel()] * rows)}
-    repeats = max(10, repeats // rows)
+def pass_costs(models: PairModels, source: torch.Tensor, engines=tuple(ENGINES), rows: int = 1,
+               repeats: int = 200) -> dict[str, dict]:
+    """Milliseconds per call, per engine label and model: ``step`` and k-token ``forward`` passes."""
+    tgt = models.base.task.target_dictionary
+    rules = SearchRules(len(tgt), tgt.pad(), tgt.unk(), tgt.eos())
+    src, lengths = source[None].expand(rows, -1).contiguous(), torch.tensor([source.numel()] * rows)
+    index, max_len, repeats = torch.arange(rows), torch.full((rows,), 1000), max(10, repeats // rows)
     out = {}
-    for name, model in (("big", models.big), ("small", models.small[None])):
-        decoder = incremental.IncrementalDecoder(model.decoder)
-        encoded = model.encoder.forward_torchscript(net)
-        index, out[name] = torch.arange(rows), {}
-        with torch.no_grad():
-            cache = decoder.start(encoded, 64)
-            decoder.forward(cache, index, torch.full((rows, 20), 5), torch.full((rows,), 20))
-            for k in KS:
-                tokens, counts = torch.full((rows, k), 5), torch.full((rows,), k)
-                t0 = time.perf_counter()
-                for _ in range(repeats):
-                    decoder.forward(cache, index, tokens, counts)
+    for engine, int8 in engines:
+        for name, model in (("big", models.big), ("small", next(iter(models.small.values())))):
+            runtime = build_engine(model, engine, int8)
+            row = out.setdefault(f"{ENGINES[engine, int8]} {name}", {})
+            with torch.no_grad():
+                cache = runtime.start(src, lengths, 64)
+                runtime.forward(cache, index, torch.full((rows, 20), 5), torch.full((rows,), 20), 20, True, rules,
+                                max_len)
+                calls = {f"forward k={k}": (lambda k=k: runtime.forward(
+                    cache, index, torch.full((rows, k), 5), torch.full((rows,), k), 20 + k, True, rules, max_len))
+                    for k in KS}
+                calls["step"] = lambda: runtime.step(cache, torch.full((rows,), 5), 21, rules, max_len)
+                for label, call in calls.items():
+                    call()  # warm
                     cache.length[:] = 20
-                out[name][k] = (time.perf_counter() - t0) / repeats * 1e3
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                decoder.step(cache, torch.full((rows,), 5), 21)
-                cache.length[:] = 20
-            out[name]["step"] = (time.perf_counter() - t0) / repeats * 1e3
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        call()
+                        cache.length[:] = 20
+                    row[label] = (time.perf_counter() - t0) / repeats * 1e3
     return out
 
 
-class StepTimer:
-    """Wraps the generator's step methods with timers (seconds and calls per label) and counts
-    host reads; ``iterations`` counts loop iterations (small steps, or big steps without one)."""
+class LoopTimer:
+    """Times the model calls of a generator's engines (instance methods, whatever the engine)
+    and counts host reads, while a variant decodes; see the module docstring."""
 
-    def __init__(self, generator_, single_model: str | None = None):
-        """``single_model``: the model a one-model variant decodes with (its loop's decoder is
-        the generator's ``big`` one, whichever model that is)."""
-        self.decoders = {id(generator_.small): "small", id(generator_.big): single_model or "big"}
+    def __init__(self, generator):
+        self.generator = generator
+        self.engines = {"big": generator.big, "small": generator.small}
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
-        self.reads, self.reads_in_steps = 0, 0
-        self._in_step = 0
-        self._originals = []
+        self.reads = 0
+        self._patched: list[tuple[object, str, object]] = []
 
-    def __enter__(self) -> "StepTimer":
-        for names, label in STEPS.items():
-            owner = incremental.IncrementalDecoder if names[0] in ("forward", "step", "start") \
-                else generator.BildSequenceGenerator
-            for name in names:
-                if hasattr(owner, name):
-                    self._patch(owner, name, self._timed(label, getattr(owner, name)))
+    def __enter__(self) -> "LoopTimer":
+        self._iterations = self.generator.stats.iterations
+        for model, engine in self.engines.items():
+            if engine is not None:
+                for name in ("start", "step", "forward"):
+                    self._patch(engine, name, self._timed(f"{model} {name}", getattr(engine, name)), instance=True)
         for name in READS:
             self._patch(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
         return self
 
-    def _patch(self, owner, name, wrapper) -> None:
-        self._originals.append((owner, name, owner.__dict__.get(name)))
+    def _patch(self, owner, name: str, wrapper, instance: bool = False) -> None:
+        self._patched.append((owner, name, None if instance else owner.__dict__.get(name)))
         setattr(owner, name, wrapper)
 
-    def _timed(self, label, original):
+    def _timed(self, label: str, original):
         def timed(*args, **kwargs):
-            if id(args[0]) in self.decoders:
-                label_ = f"{self.decoders[id(args[0])]} {label}"
-            else:
-                label_ = label
             t0 = time.perf_counter()
-            self._in_step += 1
             try:
                 return original(*args, **kwargs)
             finally:
-                self._in_step -= 1
-                self.seconds[label_] += time.perf_counter() - t0
-                self.calls[label_] += 1
+                self.seconds[label] += time.perf_counter() - t0
+                self.calls[label] += 1
         return timed
 
     def _counted(self, original):
         def counted(*args, **kwargs):
             self.reads += 1
-            self.reads_in_steps += self._in_step > 0
             return original(*args, **kwargs)
         return counted
 
-    @property
-    def iterations(self) -> int:
-        return self.calls["small step"] or self.calls["big step"]
-
     def __exit__(self, *exc) -> None:
-        for owner, name, original in reversed(self._originals):
+        self.iterations = self.generator.stats.iterations - self._iterations
+        for owner, name, original in reversed(self._patched):
             if original is None:
                 delattr(owner, name)
             else:
                 setattr(owner, name, original)
+
+    def split(self, total_seconds: float) -> dict:
+        """``total_seconds`` (the decoding time inside this timer) as model calls and bookkeeping."""
+        model = sum(self.seconds.values())
+        iterations = max(self.iterations, 1)
+        return {"iterations": self.iterations, "model_ms": 1e3 * model,
+                "bookkeeping_ms_per_iteration": 1e3 * (total_seconds - model) / iterations,
+                "host_reads_per_iteration": self.reads / iterations,
+                "calls": {k: {"calls": self.calls[k], "ms_per_call": 1e3 * self.seconds[k] / self.calls[k]}
+                          for k in sorted(self.calls)}}
+
+
+def loop_split(translator, batches: list[list[torch.Tensor]]) -> dict:
+    """One untimed warm batch, then every batch under a :class:`LoopTimer`: :meth:`LoopTimer.split`."""
+    generate(translator, batches[0])
+    with LoopTimer(translator.generator) as timer:
+        seconds = sum(generate(translator, batch)[0] for batch in batches)
+    return timer.split(seconds)
 
 
 def main() -> None:
@@ -136,46 +142,31 @@ def main() -> None:
     parser.add_argument("--only-passes", action="store_true", help="print the pass-cost table only")
     parser.add_argument("--batch", default="1", help="batching of the per-variant table: N sentences or tokens:N")
     args = parser.parse_args()
-    eager = {"wait_share": 0.0, "verify_drafting": False}
-    variants = [Variant("big", "big"), Variant("small", "small"), Variant("bild-exact", "bild", exact=True),
-                Variant("bild-default", "bild"), Variant("bild-exact-eager", "bild", exact=True, **eager),
-                Variant("bild-default-eager", "bild", **eager)]
-    models = PairModels(args.pair, variants)
+    variants = [Variant(f"{name}{tag}", mode, exact=name == "bild-exact", engine=engine, int8=int8)
+                for (engine, int8), tag in zip(ENGINES, ("", "/ort", "/ort8"))
+                for name, mode in (("big", "big"), ("bild-exact", "bild"), ("bild-default", "bild"))]
+    models = PairModels(args.pair, variants + [Variant("small", "small")])
     sources = encode(models.base, read_lines(args.source, args.limit))
 
     longest = max(sources, key=lambda s: s.numel())
-    print("| model | rows | " + " | ".join(f"forward k={k}" for k in KS) + " | step | step per row |\n|---|---|"
-          + "---|" * (len(KS) + 2))
+    labels = [f"forward k={k}" for k in KS] + ["step"]
+    print("| engine, model | rows | " + " | ".join(labels) + " |\n|---|---|" + "---|" * len(labels))
     for rows in args.rows:
-        for name, row in pass_costs(models, longest, rows).items():
-            print(f"| {name} | {rows} | " + " | ".join(f"{row[k]:.3f} ms" for k in KS)
-                  + f" | {row['step']:.3f} ms | {row['step'] / rows:.3f} ms |")
+        for name, row in pass_costs(models, longest, rows=rows).items():
+            print(f"| {name} | {rows} | " + " | ".join(f"{row[k]:.3f} ms" for k in labels) + " |")
     if args.only_passes:
         return
-
-    print("\n`small step` / `big step`: the loop's propose / verify methods (a one-model variant's greedy step "
-          "is its verify method, shown as `big step`); `decoder forward` / `decoder step`: the models' own passes.")
-    print("Host reads per loop iteration: inside the step methods (the loop adds one more read of its own "
-          "in both engines); all reads, per-sentence setup and teardown included.\n")
-    print("| variant | ms/token | tokens/big pass | host reads/iteration: in steps, all | "
-          + " | ".join(f"{label}: ms/call (calls/token)" for label in COLUMNS) + " |")
-    print("|---|---|---|---|" + "---|" * len(COLUMNS))
+    print("\n| variant | ms/token | iterations/token | bookkeeping ms/iteration | host reads/iteration | "
+          "model calls: ms/call (calls) |\n|---|---|---|---|---|---|")
     batches = [[sources[i] for i in batch] for batch in plan_batches(sources, Batching.parse(args.batch))]
     for v in variants:
         translator = models.translator(v)
-        generate(translator, batches[0])  # warm
-        before = stats_of(translator)
-        with StepTimer(translator.generator, None if v.mode == "bild" else v.mode) as timer:
-            seconds, tokens = 0.0, 0
-            for batch in batches:
-                elapsed, outputs = generate(translator, batch)
-                seconds, tokens = seconds + elapsed, tokens + sum(o.numel() for o in outputs)
-        big_passes = stats_of(translator).big_passes - before.big_passes
-        cells = [f"{1e3 * timer.seconds[m] / timer.calls[m]:.3f} ({timer.calls[m] / tokens:.2f})" if timer.calls[m]
-                 else "—" for m in COLUMNS]
-        print(f"| {v.name} | {1e3 * seconds / tokens:.3f} | {tokens / big_passes:.2f} | "
-              f"{timer.reads_in_steps / timer.iterations:.2f}, {timer.reads / timer.iterations:.2f} | "
-              + " | ".join(cells) + " |")
+        tokens = sum(o.numel() for batch in batches for o in generate(translator, batch)[1])
+        split = loop_split(translator, batches)
+        calls = ", ".join(f"{k} {c['ms_per_call']:.3f} ({c['calls']})" for k, c in split["calls"].items())
+        total_ms = split["model_ms"] + split["bookkeeping_ms_per_iteration"] * split["iterations"]
+        print(f"| {v.name} | {total_ms / tokens:.3f} | {split['iterations'] / tokens:.2f} | "
+              f"{split['bookkeeping_ms_per_iteration']:.3f} | {split['host_reads_per_iteration']:.2f} | {calls} |")
 
 
 if __name__ == "__main__":

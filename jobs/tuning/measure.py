@@ -28,6 +28,11 @@ class MeasureError(ValueError):
     """A variant, batching or input the measurement cannot run (the message says which)."""
 
 
+def engine_tag(engine: str, int8: bool) -> str:
+    """How variant names show the engine: "" for torch, "/ort" (fp32) or "/ort8" (8-bit weights)."""
+    return "" if engine == "torch" else "/ort8" if int8 else "/ort"
+
+
 @dataclass(frozen=True)
 class Variant(BildChoice):
     """One way to decode with a pair: ``stock`` is fairseq's own SequenceGenerator(beam_size=1)
@@ -39,6 +44,12 @@ class Variant(BildChoice):
     mode: str
     small_checkpoint: str | None = None
     compute_type: str | None = None
+    engine: str = "torch"  # the greedy loop's runtime (bild_fairseq.engines): torch or onnxruntime
+    int8: bool = False  # onnxruntime: 8-bit weights
+
+    @property
+    def engine_tag(self) -> str:
+        return engine_tag(self.engine, self.int8)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -49,6 +60,10 @@ class Variant(BildChoice):
             raise MeasureError(f"variant {self.name!r}: thresholds, batch policy and exact apply to mode 'bild' only")
         if self.mode in ("stock", "big", "ct2") and self.small_checkpoint is not None:
             raise MeasureError(f"variant {self.name!r}: mode {self.mode!r} uses no small model")
+        if self.mode in ("stock", "ct2") and (self.engine != "torch" or self.int8):
+            raise MeasureError(f"variant {self.name!r}: mode {self.mode!r} has its own engine")
+        if self.int8 and self.engine != "onnxruntime":
+            raise MeasureError(f"variant {self.name!r}: int8 is a precision of the onnxruntime engine")
 
     @property
     def uses_big(self) -> bool:
@@ -62,25 +77,27 @@ class Variant(BildChoice):
         """The ``bild-jobs run`` options that decode like this variant (thresholds spelled out)."""
         if self.mode == "ct2":
             return [f"(peer: CTranslate2 {self.compute_type}, not a bild-jobs mode)"]
+        engine = [] if self.engine == "torch" else ["--engine", self.engine, *(["--int8"] if self.int8 else [])]
         if self.mode in ("stock", "big"):
-            return ["--big-only"]
+            return ["--big-only", *engine]
         small = ["--small-checkpoint", self.small_checkpoint] if self.small_checkpoint else []
         if self.mode == "small":
-            return ["--small-only", *small]
+            return ["--small-only", *small, *engine]
         values = self.settings(pair_bild)
         names = BATCH_POLICY if self.exact else SETTINGS
-        return [*small, *(["--bild-exact"] if self.exact else []), *_flags(values, names, "--", "--no-")]
+        return [*small, *(["--bild-exact"] if self.exact else []), *_flags(values, names, "--", "--no-"), *engine]
 
     def generate_flags(self, pair_bild: dict) -> list[str]:
         """The stock ``fairseq-generate --user-dir bild_fairseq`` options of this variant."""
         if self.mode == "ct2":
             return []
+        engine = [] if self.engine == "torch" else ["--bild-engine", self.engine, *(["--bild-int8"] if self.int8 else [])]
         if self.mode != "bild":
-            return ["--beam", "1"]
+            return ["--beam", "1", *engine]
         values = self.settings(pair_bild)
         names = BATCH_POLICY if self.exact else SETTINGS
         return ["--bild", *(["--bild-exact"] if self.exact else []), *_flags(values, names, "--bild-", None),
-                "--beam", "1"]
+                "--beam", "1", *engine]
 
     def settings(self, pair_bild: dict) -> dict:
         """The BiLD settings in effect: the variant's, else the pair's, else the defaults."""
@@ -161,6 +178,7 @@ class PairModels:
 
         tgt = self.base.task.target_dictionary
         gen = {k: self.base.settings[k] for k in ("max_len_a", "max_len_b")}
+        runtime = {"engine": v.engine, "int8": v.int8}
         if v.mode == "ct2":
             from jobs.tuning.peers import CT2Generator, convert_ct2
 
@@ -171,12 +189,13 @@ class PairModels:
         elif v.mode == "stock":
             generator = SequenceGenerator([self.big], tgt, beam_size=1, **gen)
         elif v.mode == "big":
-            generator = BildSequenceGenerator([self.big], tgt, beam_size=1, **gen)
+            generator = BildSequenceGenerator([self.big], tgt, beam_size=1, **gen, **runtime)
         elif v.mode == "small":
-            generator = BildSequenceGenerator([self.small[v.small_checkpoint]], tgt, beam_size=1, **gen)
+            generator = BildSequenceGenerator([self.small[v.small_checkpoint]], tgt, beam_size=1, **gen, **runtime)
         else:
             generator = BildSequenceGenerator([self.big], tgt, small_model=self.small[v.small_checkpoint],
-                                              exact=v.exact, beam_size=1, **gen, **v.settings(self.spec.bild))
+                                              exact=v.exact, beam_size=1, **gen, **v.settings(self.spec.bild),
+                                              **runtime)
         settings = {**self.base.settings, "variant": asdict(v)}
         return replace(self.base, generator=generator, settings=settings)
 

@@ -30,18 +30,20 @@ from jobs.tuning.targets import QUALITY
 
 def grid(fallbacks: list[float], rollbacks: list[float], steps: list[int], small: str | None,
          shares: list[float] = (0.0,), max_waits: list[int] = (DEFAULTS["max_wait"],),
-         verify: list[bool] = (False,)) -> list[Variant]:
-    """The baselines, exact mode (at each batch policy), and BiLD at every combination."""
-    points = [Variant("big", "big"), Variant("small", "small", small)]
+         verify: list[bool] = (False,), engine: str = "torch", int8: bool = False) -> list[Variant]:
+    """The baselines, exact mode (at each batch policy), and BiLD at every combination, all on
+    ``engine`` (the small-only baseline on torch: it only shows the small model's quality)."""
+    rt = {"engine": engine, "int8": int8}
+    points = [Variant("big", "big", **rt), Variant("small", "small", small)]
     policies = list(itertools.product(shares, max_waits, verify))
     for w, m, d in policies:
         points.append(Variant("exact" + _policy_name(w, m, d), "bild", small, exact=True, wait_share=w, max_wait=m,
-                              verify_drafting=d))
+                              verify_drafting=d, **rt))
     for f, r, s in itertools.product(fallbacks, rollbacks, steps):
         for w, m, d in policies:
             points.append(Variant(f"fb{f:g}-rb{r:g}-s{s}" + _policy_name(w, m, d), "bild", small,
                                   fallback_threshold=f, rollback_threshold=r, max_small_steps=s,
-                                  wait_share=w, max_wait=m, verify_drafting=d))
+                                  wait_share=w, max_wait=m, verify_drafting=d, **rt))
     return points
 
 
@@ -161,15 +163,18 @@ def _bad(message: str):
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="use the first N dev lines [all]")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="runtime of the big-only and BiLD points (bild-jobs run's --engine)")
+@click.option("--int8", is_flag=True, help="onnxruntime: 8-bit weights (bild-jobs run's --int8)")
 def sweep_command(pair_dir: Path, source: Path, ref: Path, out: Path, fallback: str, rollback: str, steps: str,
                   shares: str, max_waits: str, verify: str, max_quality_drop: float, metric: str | None, small_checkpoint: str | None, batch_text: str,
-                  repeats: int, limit: int | None, device: str) -> None:
+                  repeats: int, limit: int | None, device: str, engine: str, int8: bool) -> None:
     try:
         step_values = [int(s) for s in _floats(steps)]
         verify_values = [{"no": False, "yes": True}[v.strip()] if v.strip() in ("no", "yes") else
                          _bad(f"--verify-drafting: expected no, yes or no,yes, got {verify!r}") for v in verify.split(",")]
         variants = grid(_floats(fallback), _floats(rollback), step_values, small_checkpoint, _floats(shares),
-                        [int(m) for m in _floats(max_waits)], verify_values)
+                        [int(m) for m in _floats(max_waits)], verify_values, engine, int8)
         result = sweep(pair_dir, source, ref, variants, Batching.parse(batch_text), repeats, limit, metric, device,
                        lambda m: click.echo(m, err=True))
     except (MeasureError, PairDirError, BildOptionError) as e:

@@ -48,6 +48,8 @@ from bild_fairseq.stats import BildStats
 
 #: the per-batch counters kept on the device (BildStats fields)
 COUNTERS = ("small_steps", "fallbacks", "eos_checks", "big_calls", "big_passes", "early_checks", "rollbacks")
+#: the counters counted per sentence first (the proposal's events, then the verification's)
+EVENTS = ("small_steps", "fallbacks", "eos_checks", "rollbacks", "early_checks")
 
 
 class BildSequenceGenerator(SequenceGenerator):
@@ -115,6 +117,7 @@ class BildSequenceGenerator(SequenceGenerator):
             iterations = self._greedy(state, big_cache, hypotheses)
         else:
             iterations = self._bild(state, big_cache, small_cache, hypotheses)
+        state.fold_events()
         self.stats.sentences += bsz
         self.stats.iterations += iterations
         for name, value in zip(COUNTERS, state.counters.tolist()):
@@ -155,8 +158,7 @@ class BildSequenceGenerator(SequenceGenerator):
                 if self._retire(s, (cache,), hypotheses):
                     break
                 last = last[keep]
-        s.counters[COUNTERS.index("big_calls")] += calls
-        s.counters[COUNTERS.index("big_passes")] += n_max - 1
+        s.big_calls, s.big_passes = s.big_calls + calls, s.big_passes + n_max - 1
         return n_max - 1
 
     def _retire(self, s: "_BatchState", caches: tuple[DecoderCache, ...], hypotheses: list[list[dict]]) -> bool:
@@ -192,7 +194,7 @@ class BildSequenceGenerator(SequenceGenerator):
         # a small-model EOS ends the sentence only once the big model has verified it
         eos_check = keep & (best == self.eos)
         s.waiting |= hand_over | eos_check
-        s.count(small_steps=active, fallbacks=hand_over, eos_checks=eos_check)
+        s.events[:3] += torch.stack((active, hand_over, eos_check))
 
     def _verify(self, s: "_BatchState", cache: DecoderCache, small_cache: DecoderCache | None,
                 n_need: int, k_max: int, n_max: int) -> None:
@@ -235,19 +237,19 @@ class BildSequenceGenerator(SequenceGenerator):
         s.tokens[rows, new_n] = torch.where(placed, big_token, s.tokens[rows, new_n])
         s.from_big[rows, new_n] = placed
         s.scores[rows, new_n] = torch.where(placed, big_lp, s.scores[rows, new_n])
-        s.n[rows] = new_n + (placed & ~verified_eos)
+        n = new_n + (placed & ~verified_eos)
+        s.n[rows] = n
         s.finished[rows] = placed & (verified_eos | (big_token == self.eos))
         # both caches keep only tokens before the newest one, which neither model has consumed
         for c in (cache, small_cache):
             if c is not None:
-                c.truncate(rows, s.n[rows] - 1)
+                c.truncate(rows, n - 1)
         s.run[rows] = torch.where(placed, 0, s.run[rows])
         s.waiting[rows] = False
         s.waited[rows] = 0
         s.needs_big[rows] = False
-        s.count(rollbacks=rolled, early_checks=~waiting)
-        s.counters[COUNTERS.index("big_calls")] += n_need
-        s.counters[COUNTERS.index("big_passes")] += 1
+        s.events[len(EVENTS) - 2:, rows] += torch.stack((rolled, ~waiting))
+        s.big_calls, s.big_passes = s.big_calls + n_need, s.big_passes + 1
 
     def _hypotheses(self, s: "_BatchState", rows: Tensor) -> list[dict]:
         """SequenceGenerator's hypothesis dicts for finished sentences ``rows``; counts their tokens."""
@@ -286,6 +288,9 @@ class _BatchState:
         self.finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.counters = torch.zeros(len(COUNTERS), dtype=torch.long, device=device)
+        # per-sentence counts of EVENTS (one add per step, not a reduction), and the big passes
+        self.events = torch.zeros(len(EVENTS), bsz, dtype=torch.long, device=device)
+        self.big_calls = self.big_passes = 0
 
     @property
     def size(self) -> int:
@@ -293,19 +298,28 @@ class _BatchState:
 
     def select(self, rows: Tensor) -> None:
         """Keep only sentences ``rows`` (in that order)."""
+        self.fold_events()
         for name, value in vars(self).items():
-            if name != "counters":
+            if isinstance(value, Tensor) and name not in ("counters", "events"):
                 setattr(self, name, value.index_select(0, rows))
+        self.events = self.events[:, :rows.numel()]
 
-    def count(self, **events: Tensor) -> None:
-        """Add boolean per-sentence events to the named counters (on the device)."""
-        index = _counter_index(tuple(events), self.counters.device)
-        self.counters.index_add_(0, index, torch.stack([e.sum() for e in events.values()]))
+    def fold_events(self) -> None:
+        """Add the per-sentence event counts and the big passes to the batch's counters (and zero them)."""
+        self.counters.index_add_(0, _counter_index(EVENTS, self.counters.device), self.events.sum(1))
+        self.events.zero_()
+        self.counters[COUNTERS.index("big_calls")] += self.big_calls
+        self.counters[COUNTERS.index("big_passes")] += self.big_passes
+        self.big_calls = self.big_passes = 0
 
     def plan(self, big_length: Tensor, wait_share: float, max_wait: int, verify_drafting: bool) -> None:
         """This iteration's big pass (``needs_big``; none when the batch policy says it is not due):
         the waiting sentences, plus with ``verify_drafting`` the drafting ones that have small
         tokens the big model has not checked (its cache is one token behind, hence >= 2)."""
+        if self.size == 1 or (wait_share == 0 and not verify_drafting):
+            # one sentence, or the per-sentence policy: the rule below reduces to "who waits"
+            self.needs_big = self.waiting.clone()
+            return
         unfinished = ~self.finished
         chosen = self.waiting | (unfinished & (self.n - big_length >= 2)) if verify_drafting else self.waiting
         self.needs_big = chosen & big_pass_due(self.waiting, self.waited, unfinished, wait_share, max_wait)

@@ -222,3 +222,23 @@ def test_onnxruntime_greedy_equals_stock_fairseq_except_near_ties(pair_models):
             top = lp.topk(2).values
             assert top[0] - top[1] < 1e-4, (a, b)
     assert sum(a == b for a, b in zip(ours, stock)) >= len(stock) - 2
+
+
+def test_the_api_decodes_on_the_engine_it_records(tiny_pair):
+    """PairTranslator (what the runner's workers use) passes the engine through and records it."""
+    from bild_fairseq.config import BildOptionError
+
+    lines = raw_lines("lohelp.de-en.test.de.xz", 6)
+    reference = PairTranslator.from_pair_dir(tiny_pair, mode="big")
+    assert (reference.settings["engine"], reference.settings["precision"]) == ("torch", "fp32")
+    want = reference.translate(lines).hypotheses
+    for int8 in (False, True):
+        ort = PairTranslator.from_pair_dir(tiny_pair, mode="bild", engine="onnxruntime", int8=int8, exact=True)
+        assert (ort.settings["engine"], ort.settings["precision"]) == ("onnxruntime", "int8" if int8 else "fp32")
+        assert isinstance(ort.generator.big, OrtEngine) and isinstance(ort.generator.small, OrtEngine)
+        got = ort.translate(lines)
+        assert len(got.hypotheses) == len(lines) and got.stats["tokens"] > 0
+        if not int8:  # fp32: torch's output but for near ties (8-bit weights move a random model further)
+            assert sum(a == b for a, b in zip(got.hypotheses, want)) >= len(lines) - 1
+    with pytest.raises(BildOptionError, match="runs fp32 models on the CPU"):
+        PairTranslator.from_pair_dir(tiny_pair, mode="big", engine="onnxruntime", fp16=True)

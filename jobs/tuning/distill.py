@@ -280,7 +280,8 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         echo(f"3/3 comparing {name} with {start} on {dev_source}")
         models = (SmallModel(None if start == spec.small else start), SmallModel(name))
         suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref, models)
-        result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo)
+        result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo,
+                           engines=(("torch", False),))
     except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
             WorkDirError, CollectError, CommandFailed, BinarizeError, ShrinkError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None

@@ -39,6 +39,8 @@ from bild_fairseq.scoring import score_task
 from jobs.shards import read_lines
 from jobs.tuning.agreement import agreement
 from jobs.tuning.costs import loop_split, pass_costs
+from jobs.tuning.ties import first_divergence_gaps
+from jobs.tuning.ties import summary as tie_summary
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Result, Variant, bild_rates,
                                  detokenize, encode, engine_tag, measure, plan_batches)
 from jobs.tuning.peers import PeerUnavailable, ct2_missing
@@ -183,6 +185,12 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
             scores = score_task(models.spec.task, detokenize(models.base, results[v.name].tokens), refs)
             signatures.update({s.name: s.signature for s in scores})
             rows.append(_row(v, batching, results[v.name], results, {s.name: s.value for s in scores}))
+    ties = {}
+    for v in variants:  # the ORT fp32 greedy loop against stock fairseq: differences only at near ties?
+        if v.mode == "big" and v.engine != "torch" and not v.int8 and "stock" in first:
+            gaps = first_divergence_gaps(models.big, sources, first[v.name].tokens, first["stock"].tokens,
+                                         models.base.task.target_dictionary.eos())
+            ties[v.name] = tie_summary(gaps, len(sources))
     loop = {}
     if any(b.max_sentences == 1 for b in batchings):  # bookkeeping per loop iteration at batch 1, untimed pass
         echo(f"[{suite.name}] loop accounting at batch 1")
@@ -204,7 +212,8 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
             "variants": [{**asdict(v), "run_flags": v.run_flags(models.spec.bild),
                           "generate_flags": v.generate_flags(models.spec.bild)} for v in variants],
             "signatures": signatures, "agreement": agreements, "notes": notes, "rows": rows,
-            "loop_batch1": loop, "call_costs_ms": costs, "call_costs_source_tokens": longest.numel()}
+            "loop_batch1": loop, "call_costs_ms": costs, "call_costs_source_tokens": longest.numel(),
+            "differences_from_stock": ties}
 
 
 def ort_missing(device: str) -> str | None:

@@ -65,6 +65,11 @@ def _costs_tables(suite: dict) -> list[str]:
                     "tokens after a 20-token prefix; `forward k`: a k-token pass, BiLD's verification):", ""]
         out += _table(["engine, model", *labels], [[name, *(f"{row[k]:.3f}" for k in labels)]
                                                   for name, row in suite["call_costs_ms"].items()])
+    for name, t in suite.get("differences_from_stock", {}).items():
+        out += ["", f"`{name}` vs `stock` (first batching): {t['lines'] - t['differing']}/{t['lines']} lines identical; "
+                    f"of the {t['differing']} that differ, {t['near_ties']} start at a near tie (the big model's two "
+                    f"best log-probabilities within 1e-4)"
+                    + (f"; largest gap {t['largest_gap']:.2g}" if t["largest_gap"] is not None else "") + "."]
     if suite.get("loop_batch1"):
         out += ["", "Batch 1, one untimed-by-the-table pass: the loop's own bookkeeping between model calls "
                     "(state updates, policies, cache appends) per loop iteration, and host reads:", ""]

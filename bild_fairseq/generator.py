@@ -99,10 +99,12 @@ class BildSequenceGenerator(SequenceGenerator):
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
         bsz, device = src_tokens.size(0), src_tokens.device
-        words = (src_tokens.ne(self.eos) & src_tokens.ne(self.pad)).long().sum(dim=1)
-        # per-sentence max length (fairseq uses the padded batch length, which makes a sentence's
-        # output depend on its batch when max_len_a > 0)
-        max_len = torch.clamp((self.max_len_a * words.float() + self.max_len_b).long(), max=self.max_len - 1)
+        # per-sentence max length a * source + b, the source counted as fairseq counts it (EOS
+        # included) and in double precision as its Python arithmetic does: at batch 1 exactly
+        # stock's limit. fairseq takes the padded batch width instead, which makes a sentence's
+        # output depend on its batch-mates when max_len_a > 0; we keep each sentence's own.
+        source = src_tokens.ne(self.pad).long().sum(dim=1)
+        max_len = torch.clamp((self.max_len_a * source.double() + self.max_len_b).long(), max=self.max_len - 1)
         if self.min_len > int(max_len.min()):
             raise BildOptionError("min_len cannot be larger than max_len, please adjust these!")
         if self.rules.bias.device != device:

@@ -122,6 +122,27 @@ def test_rows_do_not_depend_on_their_batch_mates(models):
                                step_together.lprobs[r]), (int8, r)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_token_scores_the_same_in_a_step_and_in_any_pass(models, int8):
+    """What exact mode rests on: a token's distribution is bit-identical whether the token is
+    fed in a one-token step or inside k-token passes of any split, with 1, 2 or 3 rows."""
+    _, variants = models
+    model = variants["pre-norm, untied, sinusoidal positions"]
+    rules, (src, lengths, prev) = _rules(model), _batch(3)
+    engine = OrtEngine(model, int8=int8)
+    for rows in (1, 2, 3):
+        s, n, p, big = src[:rows], lengths[:rows], prev[:rows, :9], torch.full((rows,), 1000)
+        cache = engine.start(s, n)
+        steps = torch.stack([engine.step(cache, p[:, j], j + 1, rules, big).lprobs for j in range(9)], 1)
+        for split in ((9,), (4, 5), (1, 3, 5), (2, 2, 2, 3)):
+            cache, at, passes = engine.start(s, n), 0, []
+            for k in split:
+                passes.append(engine.forward(cache, torch.arange(rows), p[:, at:at + k], torch.full((rows,), k),
+                                             at + k, True, rules, big).lprobs)
+                at += k
+            assert torch.equal(torch.cat(passes, 1), steps), (int8, rows, split)
+
+
 def test_int8_weights_stay_close_to_fp32(models):
     _, variants = models
     model = variants["post-norm, tied, learned positions"]

@@ -4,13 +4,17 @@
 The cache is the torch engine's :class:`DecoderCache`; its tensors are handed to ONNX Runtime
 as numpy views (no copy), and the graph returns the new tokens' keys/values, which are written
 into the cache here (numpy indexing: a few microseconds, where torch's index_put costs tens).
-Rows are independent (each row's result is the same whatever its batch-mates), in fp32 and with
-8-bit weights alike. For 8-bit weights that takes one measure: ORT 1.32's MatMulNBits kernel
-(accuracy_level 4) computes rows in pairs, and an unpaired last row (any odd row count, a
-one-token step at batch 1 included) takes another code path with other rounding (measured: a
-row alone differs from the same row among 2, 4 or 16). So the engine feeds an even number of
-token rows, adding one scratch token per sentence (or a padding column to the sources) when needed: a paired row's result does not
-depend on its partner. At batch 1 it costs 17 us of the 40 us output projection.
+Exact mode needs a token's distribution to be the same bit for bit whether it is scored in a
+one-token step or inside a k-token pass, whatever the other rows of the call. ONNX Runtime's
+kernels give that with two measures (both measured on this project's hosts, tested in
+``tests/test_engines.py``): its batched attention MatMul takes another code path for a single
+query row (M = 1) than for two or more, so every call feeds at least two tokens per sentence;
+and its 8-bit MatMulNBits kernel (accuracy_level 4) computes rows in pairs, an unpaired last row
+rounding differently, so with 8-bit weights every call feeds an even number of token rows. The
+extra tokens are scratch: they follow the real ones (the causal mask hides them), their
+outputs are dropped and their cache slots lie past the sentence's length. For 8-bit sources
+the encoder gets one more padding column where needed. Cost: a one-token step computes two
+rows (measured in BENCHMARKS.md, "Engines").
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ class OrtEngine:
         attn = model.decoder.layers[0].self_attn
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
         self.eos = model.decoder.dictionary.eos()
-        self.even_rows = int8  # see the module docstring
+        self.even_rows = int8  # see the module docstring (min. two tokens per row: always)
         self.pad = model.encoder.padding_idx
         self._rules: tuple[SearchRules, dict] | None = None
 
@@ -57,7 +61,7 @@ class OrtEngine:
                                   self.heads, self.head_dim, capacity)
 
     def step(self, cache: DecoderCache, tokens: Tensor, visible: int, rules: SearchRules, max_len: Tensor) -> Scores:
-        cache.reserve(visible + self.even_rows)
+        cache.reserve(visible + 1)  # the scratch token's slot (see the module docstring)
         length = cache.length.numpy()
         lprobs, best_lp, best, new_k, new_v = self._run(cache, tokens.unsqueeze(1), rules, max_len)
         batch = np.arange(length.size)
@@ -70,7 +74,7 @@ class OrtEngine:
     def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor, visible: int,
                 all_rows: bool, rules: SearchRules, max_len: Tensor) -> Scores:
         k = tokens.size(1)
-        cache.reserve(visible + k + self.even_rows)  # padding entries write (unused) slots up to start + k
+        cache.reserve(visible + k + 1)  # padding and scratch entries write (unused) slots up to start + k
         part = cache if all_rows else cache.rows(rows)
         start = part.length.numpy()
         lprobs, best_lp, best, new_k, new_v = self._run(part, tokens, rules, max_len)
@@ -83,10 +87,13 @@ class OrtEngine:
         return Scores(*(torch.from_numpy(x) for x in (lprobs, best_lp, best)))
 
     def _run(self, cache: DecoderCache, tokens: Tensor, rules: SearchRules, max_len: Tensor) -> list[np.ndarray]:
-        """The graph's outputs for ``tokens`` (R, K), as if fed alone (see ``even_rows``)."""
+        """The graph's outputs for ``tokens`` (R, K), scratch tokens added and dropped (see the
+        module docstring)."""
         k = tokens.size(1)
-        if self.even_rows and tokens.numel() % 2:
-            tokens = torch.cat([tokens, tokens[:, -1:]], dim=1)  # a scratch token, after the real ones
+        fed = max(k, 2)
+        fed += self.even_rows and tokens.size(0) * fed % 2
+        if fed > k:
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, fed - k)], dim=1)
         outputs = self.decoder.run(None, {
             "tokens": np.ascontiguousarray(tokens.numpy()), "start": cache.length.numpy(), "self_k": cache.self_k.numpy(),
             "self_v": cache.self_v.numpy(), "cross_k": cache.cross_k.numpy(), "cross_v": cache.cross_v.numpy(),

@@ -46,15 +46,16 @@ def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, tin
     assert "BiLD: " in bild.stderr and "rollbacks" in bild.stderr
 
 
-def test_exact_mode_keeps_stocks_length_limit_with_max_len_a(generate, tiny_pair):
+def test_exact_mode_keeps_stocks_length_limit_with_max_len_a(small_test_sets, tiny_pair):
     """--max-len-a: the limit counts the source as fairseq does (EOS included), so at batch 1
     exact mode equals stock even for outputs that reach it (issue 27, item 12)."""
-    limits = ["--batch-size", "1", "--max-len-a", "1.2", "--max-len-b", "3"]
-    stock = generate(*limits)
-    bild = generate(*limits, "--bild", "--bild-small-path", str(tiny_pair / "small.pt"), "--bild-exact")
+    base = ["fairseq-generate", str(small_test_sets[13]), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
+            "--gen-subset", "test", "--beam", "1", "--batch-size", "1", "--max-len-a", "1.2", "--max-len-b", "3"]
+    stock = run(base)
+    bild = run(base + ["--bild", "--bild-small-path", str(tiny_pair / "small.pt"), "--bild-exact"])
     assert stock.returncode == 0 and bild.returncode == 0, bild.stderr
     ref, got = hypotheses(stock.stdout), hypotheses(bild.stdout)
-    assert set(got) == set(ref) and all(got[k][0] == ref[k][0] for k in ref)
+    assert set(got) == set(ref) == set(range(13)) and all(got[k][0] == ref[k][0] for k in ref)
     # the limit really binds: some outputs stop at it (a * source + b tokens, the source counted with EOS)
     sources = {int(line.split("\t")[0][2:]): len(line.split("\t")[1].split()) + 1
                for line in stock.stdout.splitlines() if line.startswith("S-")}

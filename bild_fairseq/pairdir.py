@@ -13,7 +13,9 @@
      "bild": {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10,
               "wait_share": 0.5, "max_wait": 1000, "verify_drafting": false},  # absent: the --bild-* defaults
      "generation": {"max_len_a": 0, "max_len_b": 200},
-     "run": {"mode": "big", "why": "..."}}              # bild-jobs run's measured default mode
+     "run": {"mode": "big", "engine": "torch", "precision": "fp32",  # bild-jobs run's measured default
+             "why": "...",                             # (batched work), with the figures
+             "batch1": {"mode": ..., "engine": ..., "precision": ..., "why": ...}}}  # and at batch 1
 """
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ class PairSpec:
     small: str = "small.pt"
     bild: dict = field(default_factory=dict)
     generation: dict = field(default_factory=dict)
-    # `bild-jobs run`'s default mode when no mode flag is given, chosen by measurement:
-    # {"mode": "bild" | "big", "why": "<the measured figures>"}; absent: BiLD
+    # `bild-jobs run`'s defaults when no mode flag / --engine / --int8 is given, chosen by
+    # measurement: {"mode": "bild" | "big", "engine": "torch" | "onnxruntime", "precision":
+    # "fp32" | "int8", "why": "<the measured figures>", "batch1": {the same for one sentence at a
+    # time, for interactive use}}; absent keys: BiLD, torch, fp32
     run: dict = field(default_factory=dict)
     format: int = PAIR_FORMAT
 

@@ -8,7 +8,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: package folder -> the packages its modules must not import
-FORBIDDEN = {"bild_fairseq": ("jobs",), "jobs": ("jobs.tuning",), "jobs/executors": ("jobs.tuning",)}
+FORBIDDEN = {"bild_fairseq": ("jobs",), "bild_fairseq/engines": ("jobs",), "jobs": ("jobs.tuning",),
+             "jobs/executors": ("jobs.tuning",)}
+#: the largest file git may track outside the pair directories (resume points and intermediate
+#: weights belong on the user's storage, not in every clone)
+MAX_TRACKED_BYTES = 25 * 2**20
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -39,3 +43,15 @@ def test_the_layout_test_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from jobs.tuning.bench import bench\n")
     assert "jobs.tuning.bench" in imported_modules(bad)
+
+
+def test_no_large_file_is_tracked_outside_the_pair_directories():
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    large = [f"{name} ({(ROOT / name).stat().st_size / 2**20:.0f} MiB)" for name in (f.decode() for f in files if f)
+             if not name.startswith("data/pairs/") and (ROOT / name).is_file()
+             and (ROOT / name).stat().st_size > MAX_TRACKED_BYTES]
+    assert not large, f"files over 25 MiB outside data/pairs/ (keep them out of git): {large}"

@@ -189,3 +189,12 @@ def test_bench_refuses_an_unknown_suite(tmp_path):
     suites.write_text(json.dumps({"suites": [{"name": "a", "pair": ".", "source": "x", "reference": "y"}]}))
     out = CliRunner().invoke(bench, [str(suites), "--suite", "b"])
     assert out.exit_code != 0 and "no suite named ['b']" in out.stderr
+
+
+def test_device_strings_map_to_each_runtimes_arguments():
+    """(issue 28, item 2) CTranslate2 wants device and index apart; no GPU needed to check."""
+    from jobs.tuning.peers import ct2_device
+
+    assert ct2_device("cpu") == {"device": "cpu", "device_index": 0}
+    assert ct2_device("cuda") == {"device": "cuda", "device_index": 0}
+    assert ct2_device("cuda:1") == {"device": "cuda", "device_index": 1}

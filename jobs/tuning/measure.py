@@ -223,7 +223,9 @@ def plan_batches(sources: Sequence[torch.Tensor], batching: Batching) -> list[li
 
 def generate(translator: PairTranslator, sources: Sequence[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
     """Decode one batch: seconds spent in the generator, and each line's output token ids."""
-    synchronize = torch.cuda.synchronize if translator.device.startswith("cuda") else (lambda: None)
+    # the translator's own device (cuda:1 too), not the current one
+    synchronize = (lambda: torch.cuda.synchronize(translator.device)) if translator.device.startswith("cuda") \
+        else (lambda: None)
     synchronize()
     t0 = time.perf_counter()
     hypos = translator.generate_batch(list(sources))  # the exact call translate() makes per batch

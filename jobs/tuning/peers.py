@@ -56,6 +56,12 @@ def convert_ct2(spec: PairSpec, cache: Path | None = None) -> tuple[Path, float]
     return out, time.perf_counter() - t0
 
 
+def ct2_device(device: str) -> dict:
+    """torch's device string as CTranslate2's arguments: "cuda:1" -> device="cuda", device_index=1."""
+    kind, _, index = device.partition(":")
+    return {"device": kind, "device_index": int(index or 0)}
+
+
 class CT2Generator:
     """Greedy CTranslate2 decoding behind fairseq's ``generate(models, sample)`` contract."""
 
@@ -65,7 +71,7 @@ class CT2Generator:
 
         if compute_type not in COMPUTE_TYPES:
             raise PeerUnavailable(f"compute type must be one of {COMPUTE_TYPES}, got {compute_type!r}")
-        self.translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=compute_type,
+        self.translator = ctranslate2.Translator(str(model_dir), **ct2_device(device), compute_type=compute_type,
                                                  inter_threads=1, intra_threads=torch.get_num_threads())
         self.src_dict, self.tgt_dict, self.max_len_b = src_dict, tgt_dict, max_len_b
         self.model = self  # generate_batch passes generator.model.models back in

@@ -117,6 +117,8 @@ class BildSequenceGenerator(SequenceGenerator):
         hypotheses: list[list[dict]] = [[] for _ in range(bsz)]
         if small_cache is None:
             iterations = self._greedy(state, big_cache, hypotheses)
+        elif bsz == 1:
+            iterations = self._bild_one(state, big_cache, small_cache, hypotheses)
         else:
             iterations = self._bild(state, big_cache, small_cache, hypotheses)
         state.fold_events()
@@ -140,6 +142,66 @@ class BildSequenceGenerator(SequenceGenerator):
                 return iterations
             if n_need:
                 self._verify(state, big_cache, small_cache, n_need, k_max, n_max)
+
+    def _bild_one(self, s: "_BatchState", big_cache: DecoderCache, small_cache: DecoderCache,
+                  hypotheses: list[list[dict]]) -> int:
+        """The BiLD loop for one sentence (interactive use), its state on the host: the decisions
+        of :meth:`_bild` at batch 1 (same policy functions, same model calls with the same
+        arguments; ``tests/test_generator.py`` checks the outputs equal), without the per-row
+        tensor bookkeeping, which costs more than a small step on a fast engine (BENCHMARKS.md,
+        "Engines"). At batch 1 a sentence that hands over is verified at once, never waits."""
+        tokens, scores, from_big = [int(s.tokens[0, 0])], [0.0], [False]
+        counts = dict.fromkeys(COUNTERS, 0)
+        one, max_len = torch.zeros(1, dtype=torch.long), s.max_len
+        limit, run, iterations, n_read = int(max_len[0]), 0, 0, 1
+        while True:
+            iterations += 1
+            _, best_lp, best = self.small.step(small_cache, torch.tensor([tokens[-1]]), n_read + 1, self.rules, max_len)
+            best, best_lp = int(best[0]), float(best_lp[0])
+            counts["small_steps"] += 1
+            hand_over = fallback(best_lp, run, self.fallback_threshold, self.max_small_steps)
+            if not hand_over:
+                tokens.append(best), scores.append(0.0), from_big.append(False)
+                run += 1
+            n_read = len(tokens)
+            if not hand_over and best != self.eos:
+                continue
+            counts["fallbacks" if hand_over else "eos_checks"] += 1
+            # verify every token the big model has not seen in one pass (its cache is one behind)
+            start = int(big_cache.length[0])
+            k = len(tokens) - start
+            feed = torch.tensor([tokens[start:]])
+            if k == 1:
+                lprobs, big_best_lp, big_best = (x.unsqueeze(1) for x in self.big.step(
+                    big_cache, feed[:, 0], n_read, self.rules, max_len))
+            else:
+                lprobs, big_best_lp, big_best = self.big.forward(big_cache, one, feed, torch.tensor([k]), n_read, True,
+                                                                 self.rules, max_len)
+            proposals = torch.tensor([tokens[start + 1:] + [self.eos]])  # the last entry is not checked
+            checkable = torch.tensor([[j < k - 1 and start + j < limit for j in range(k)]])
+            cut = min(int(first_rollback(lprobs, proposals, checkable, self.rollback_threshold, self.exact)[0]), k - 1)
+            accepted = lprobs[0, :cut].gather(-1, proposals[0, :cut].unsqueeze(-1)).squeeze(-1).tolist()
+            scores[start + 1:start + 1 + cut] = accepted
+            rolled = cut < k - 1
+            verified_eos = not rolled and len(tokens) > 1 and tokens[-1] == self.eos
+            big_token, big_lp = int(big_best[0, cut]), float(big_best_lp[0, cut])
+            counts["rollbacks"] += rolled
+            counts["big_calls"] += 1
+            counts["big_passes"] += 1
+            if not verified_eos:  # the big model's own token at the cut
+                del tokens[start + 1 + cut:], scores[start + 1 + cut:], from_big[start + 1 + cut:]
+                tokens.append(big_token), scores.append(big_lp), from_big.append(True)
+            if verified_eos or big_token == self.eos:
+                break
+            for cache in (big_cache, small_cache):
+                cache.truncate(one, torch.tensor([len(tokens) - 1]))
+            run = 0
+        n = len(tokens)
+        s.tokens[0, :n], s.scores[0, :n], s.from_big[0, :n] = (torch.tensor(x) for x in (tokens, scores, from_big))
+        s.n[0], s.finished[0] = n, True
+        s.counters += torch.tensor([counts[name] for name in COUNTERS])
+        self._retire(s, (big_cache, small_cache), hypotheses)
+        return iterations
 
     def _greedy(self, s: "_BatchState", cache: DecoderCache, hypotheses: list[list[dict]]) -> int:
         """No small model: greedy decoding, one one-token pass per iteration (BiLD's big-only

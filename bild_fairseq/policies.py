@@ -21,6 +21,7 @@ def fallback(small_max_logprob: Tensor, run_length: Tensor, fallback_threshold: 
 
     small_max_logprob: (R,) log of the small model's max probability at the next position.
     run_length: (R,) consecutive small-model tokens emitted since the big model last ran.
+    (Python numbers work too: the one-sentence loop decides on the host.)
     """
     not_confident = small_max_logprob < (math.log(fallback_threshold) if fallback_threshold > 0 else -math.inf)
     return not_confident | (run_length >= max_small_steps)

@@ -21,14 +21,16 @@ Per batch (every sentence keeps its own state; the big model runs only on senten
 Neither waiting nor early checks change a sentence's output (in exact or lossy mode): a waiting
 sentence is frozen, and a drafting one's tokens are each checked once against the same big-model
 distribution whenever its pass happens, the first rejection cutting as a later pass would. With no
-small model the same loop is plain greedy decoding of one model (the project's own big-only
-baseline). Deliberate deviations from the official BiLD code are listed in the README.
+small model the same tokens come from a plain greedy loop (:meth:`_greedy`, the project's own
+big-only baseline). Deliberate deviations from the official BiLD code are listed in the README.
 
-Per-step cost: the small model always feeds exactly one token per sentence (its cache is kept
-one token behind), so proposing uses :meth:`IncrementalDecoder.step`, the specialised one-token
-pass; so does verification when every sentence has one unseen token (the big-only loop). Every
-decision stays on the device; counters are read once per iteration as one small tensor, and the
-statistics once per batch.
+The models run on an engine (:mod:`bild_fairseq.engines`: torch or ONNX Runtime) that returns
+each call's constrained scores and argmax. Per-step cost: the small model always feeds exactly
+one token per sentence (its cache is kept one token behind), so proposing uses the engine's
+one-token ``step``; so does verification when every sentence has one unseen token. In a batch
+every decision stays on the device, and counters are read once per iteration as one small
+tensor; a batch of one sentence runs the same decisions on host scalars (:meth:`_bild_one`),
+where per-row tensor bookkeeping would cost more than a small step.
 """
 from __future__ import annotations
 

@@ -198,3 +198,13 @@ def test_device_strings_map_to_each_runtimes_arguments():
     assert ct2_device("cpu") == {"device": "cpu", "device_index": 0}
     assert ct2_device("cuda") == {"device": "cuda", "device_index": 0}
     assert ct2_device("cuda:1") == {"device": "cuda", "device_index": 1}
+
+
+def test_the_memory_pass_runs_one_process_at_a_time_on_a_gpu():
+    """(issue 28, item 3) side by side on one GPU the processes would hold several CUDA contexts."""
+    import os
+
+    from jobs.tuning.bench import memory_workers
+
+    assert memory_workers("cuda", 8) == memory_workers("cuda:1", 8) == 1
+    assert memory_workers("cpu", 8) == min(8, os.cpu_count() or 1) and memory_workers("cpu", 1) == 1

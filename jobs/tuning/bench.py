@@ -239,19 +239,26 @@ def export_notes(translators) -> list[str]:
 
 def _add_peak_memory(suite: Suite, variants: list[Variant], lines: list[str], batchings: list[Batching],
                      device: str, threads: int | None, rows: list[dict], echo) -> None:
-    """Peak RSS per variant and batching, each variant in a fresh process, after all timing (so
-    they may run side by side: a process's resident set does not depend on its neighbours')."""
+    """Peak RSS (and on a GPU the CUDA peak) per variant and batching, each variant in a fresh
+    process, after all timing; see :func:`memory_workers` for how many at once."""
     from jobs.tuning.peakmem import peak_memory
 
     echo(f"[{suite.name}] peak memory of {len(variants)} variants, each in a fresh process")
     plan = [(b.max_sentences, b.max_tokens) for b in batchings]
     with tempfile.TemporaryDirectory(prefix="bild-bench-") as scratch, \
-            ThreadPoolExecutor(max_workers=min(len(variants), os.cpu_count() or 1)) as pool:
+            ThreadPoolExecutor(max_workers=memory_workers(device, len(variants))) as pool:
         peaks = dict(zip((v.name for v in variants), pool.map(
             lambda v: peak_memory(suite.pair, asdict(v), lines, plan, device, threads, Path(scratch) / v.name),
             variants)))
     for row in rows:
         row["memory"] = peaks[row["variant"]][row["batching"]]
+
+
+def memory_workers(device: str, variants: int) -> int:
+    """Processes of the memory pass at once: one per core on the CPU (a process's resident set
+    does not depend on its neighbours'), one at a time on a GPU, where side by side they would
+    hold several CUDA contexts on one card and each RSS would include its context."""
+    return 1 if device.startswith("cuda") else max(1, min(variants, os.cpu_count() or 1))
 
 
 def machine() -> dict:

@@ -51,7 +51,8 @@ def _suite_table(suite: dict) -> list[str]:
             f"{r['same_as_stock']}/{suite['lines']}" if "same_as_stock" in r else "—",
             f"{r['same_as_big']}/{suite['lines']}" if "same_as_big" in r else "—",
             _pct(r.get("fallback_rate")), _pct(r.get("rollback_rate")), _pct(r.get("big_token_share")),
-            f"{memory['peak_rss_mib']:.0f}" if memory else "—",
+            (f"{memory['peak_rss_mib']:.0f}" + (f" (CUDA {memory['peak_cuda_mib']:.0f})" if "peak_cuda_mib" in memory
+                                                 else "")) if memory else "—",
         ])
     return _table(header, rows)
 

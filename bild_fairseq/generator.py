@@ -50,8 +50,9 @@ from bild_fairseq.stats import BildStats
 
 #: the per-batch counters kept on the device (BildStats fields)
 COUNTERS = ("small_steps", "fallbacks", "eos_checks", "big_calls", "big_passes", "early_checks", "rollbacks")
-#: the counters counted per sentence first (the proposal's events, then the verification's)
-EVENTS = ("small_steps", "fallbacks", "eos_checks", "rollbacks", "early_checks")
+#: the counters counted per sentence first: the proposal's events, then the verification's
+PROPOSAL_EVENTS, VERIFY_EVENTS = ("small_steps", "fallbacks", "eos_checks"), ("rollbacks", "early_checks")
+EVENTS = PROPOSAL_EVENTS + VERIFY_EVENTS
 
 
 class BildSequenceGenerator(SequenceGenerator):
@@ -260,7 +261,7 @@ class BildSequenceGenerator(SequenceGenerator):
         # a small-model EOS ends the sentence only once the big model has verified it
         eos_check = keep & (best == self.eos)
         s.waiting |= hand_over | eos_check
-        s.events[:3] += torch.stack((active, hand_over, eos_check))
+        s.events[:len(PROPOSAL_EVENTS)] += torch.stack((active, hand_over, eos_check))
 
     def _verify(self, s: "_BatchState", cache: DecoderCache, small_cache: DecoderCache | None,
                 n_need: int, k_max: int, n_max: int) -> None:
@@ -314,7 +315,7 @@ class BildSequenceGenerator(SequenceGenerator):
         s.waiting[rows] = False
         s.waited[rows] = 0
         s.needs_big[rows] = False
-        s.events[len(EVENTS) - 2:, rows] += torch.stack((rolled, ~waiting))
+        s.events[len(PROPOSAL_EVENTS):, rows] += torch.stack((rolled, ~waiting))
         s.big_calls, s.big_passes = s.big_calls + n_need, s.big_passes + 1
 
     def _hypotheses(self, s: "_BatchState", rows: Tensor) -> list[dict]:

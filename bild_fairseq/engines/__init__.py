@@ -25,12 +25,12 @@ def build_engine(model: torch.nn.Module, engine: str = "torch", int8: bool = Fal
     onnxruntime package the torch engine runs, and says so once."""
     if engine not in ENGINES:
         raise BildOptionError(f"--bild-engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if int8 and engine == "torch":
+        raise BildOptionError("--bild-int8 needs --bild-engine onnxruntime (8-bit weights are an ONNX Runtime "
+                              "graph; the torch engine runs the checkpoint as it is)")
     if engine == "onnxruntime" and not onnxruntime_available():
         engine = "torch"
     if engine == "torch":
-        if int8 and onnxruntime_available():
-            raise BildOptionError("--bild-int8 needs --bild-engine onnxruntime (8-bit weights are an ONNX Runtime "
-                                  "graph; the torch engine runs the checkpoint as it is)")
         from bild_fairseq.engines.torch_engine import TorchEngine
 
         return TorchEngine(model)

@@ -15,17 +15,10 @@ from bild_fairseq.generator import BildSequenceGenerator
 from bild_fairseq.rules import SearchRules
 from jobs.tuning.ties import NOISE, first_divergence_gaps
 from test_generator import decode_all, encode, raw_lines
-from tiny import TINY_BIG, TINY_SMALL, random_checkpoint
+from tiny import DECODERS, random_checkpoint, random_model, with_project_in
 
-UNTIED_BIG = [a for a in TINY_BIG if a not in ("--share-decoder-input-output-embed", "--decoder-learned-pos")]
-UNTIED_SMALL = [a for a in TINY_SMALL if a != "--share-decoder-input-output-embed"]
-#: the decoder variants the torch engine supports (README), as fairseq arguments
-DECODERS = {
-    "post-norm, tied, learned positions": TINY_BIG,
-    "pre-norm, untied, sinusoidal positions": UNTIED_BIG + ["--decoder-normalize-before", "--encoder-normalize-before"],
-    "layernorm_embedding, unscaled, project out": UNTIED_SMALL + [
-        "--layernorm-embedding", "--no-scale-embedding", "--decoder-output-dim", "24"],
-}
+POST_NORM = "post-norm, tied, learned positions"
+PROJECT_IN = "narrow embeddings, project in"
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +30,7 @@ def models(deen_slice, tiny_pair, tmp_path_factory):
         path = random_checkpoint(deen_slice / "bin", args, tmp_path_factory.mktemp("variant") / "m.pt", seed=10 + i)
         t = PairTranslator.from_pair_dir(tiny_pair, mode="big", big_checkpoint=path)
         out[name] = t.generator.model.single_model
+    out[PROJECT_IN] = with_project_in(random_model(deen_slice / "bin", DECODERS[POST_NORM], seed=13)[0])
     return base, out
 
 
@@ -68,7 +62,7 @@ def _teacher_forced(model, src, lengths, prev, rules):
     return rules.apply(full, steps, torch.full((prev.size(0), 1), 1000))
 
 
-@pytest.mark.parametrize("decoder", list(DECODERS))
+@pytest.mark.parametrize("decoder", [*DECODERS, PROJECT_IN])
 def test_exported_graphs_equal_the_torch_engine(models, decoder):
     """k tokens at once, ragged rows, a truncation and refeed on a subset of rows, one-token
     steps and finished rows leaving: the ONNX Runtime engine gives fairseq's own distributions."""
@@ -106,7 +100,7 @@ def test_rows_do_not_depend_on_their_batch_mates(models):
     (what makes exact mode's one-token steps and k-token passes agree on this engine). The
     source padding is the batch's: a different padding is a different input."""
     _, variants = models
-    model = variants["post-norm, tied, learned positions"]
+    model = variants[POST_NORM]
     rules, src, lengths, prev = _rules(model), *_batch(1)
     big = torch.full((3,), 1000)
     for int8 in (False, True):
@@ -146,7 +140,7 @@ def test_a_token_scores_the_same_in_a_step_and_in_any_pass(models, int8):
 
 def test_int8_weights_stay_close_to_fp32(models):
     _, variants = models
-    model = variants["post-norm, tied, learned positions"]
+    model = variants[POST_NORM]
     rules, src, lengths, prev = _rules(model), *_batch(2)
     big = torch.full((3,), 1000)
     out = {}
@@ -185,7 +179,7 @@ def test_without_onnxruntime_the_torch_engine_runs_and_says_so(models, monkeypat
     engines.onnxruntime_available.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="bild_fairseq"):
-            engine = build_engine(variants["post-norm, tied, learned positions"], "onnxruntime", int8=True)
+            engine = build_engine(variants[POST_NORM], "onnxruntime", int8=True)
         assert isinstance(engine, TorchEngine)
         assert "onnxruntime is not installed: decoding with the torch engine" in caplog.text
     finally:
@@ -197,7 +191,7 @@ def test_int8_without_the_onnxruntime_engine_is_refused(models):
 
     _, variants = models
     with pytest.raises(BildOptionError, match="--bild-int8 needs --bild-engine onnxruntime"):
-        build_engine(variants["post-norm, tied, learned positions"], "torch", int8=True)
+        build_engine(variants[POST_NORM], "torch", int8=True)
 
 
 @pytest.fixture(scope="module")

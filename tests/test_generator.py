@@ -9,7 +9,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from bild_fairseq.api import PairTranslator
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.generator import BildSequenceGenerator
-from tiny import ROOT, make_tiny_pair
+from tiny import DECODERS, ROOT, TINY_SMALL, make_tiny_pair, random_model
 
 MAX_LEN_B = 40
 
@@ -213,7 +213,7 @@ def test_project_greedy_loop_equals_stock_at_any_batching(pairs):
         assert decode_all(loop, sources, batch_size) == reference, batch_size
 
 
-def test_search_rules_match_fairseqs_step_rules():
+def test_search_rules_on_a_hand_made_distribution():
     from bild_fairseq.rules import SearchRules
 
     rules = SearchRules(6, pad=1, unk=3, eos=2, unk_penalty=0.5, suppress=torch.tensor([5]), min_len=2)
@@ -227,3 +227,21 @@ def test_search_rules_match_fairseqs_step_rules():
     assert out[0, 2] == -float("inf") and out[1, 2] == lprobs[1, 2]  # no EOS before min_len
     assert out[2].argmax() == 2 and out[2].isfinite().sum() == 1 and out[2, 2] == lprobs[2, 2]  # forced EOS
     assert torch.equal(out[3, [0, 2, 4]], lprobs[3, [0, 2, 4]])  # untouched otherwise
+
+
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_exact_mode_equals_stock_with_min_len_and_unk_penalty(deen_slice, tiny_pair, decoder):
+    """--min-len and --unkpen through the whole generator, for every decoder form the plugin
+    supports: exact BiLD writes what fairseq's own SequenceGenerator writes with the same options,
+    and the options really change the output."""
+    t = PairTranslator.from_pair_dir(tiny_pair, mode="big")
+    sources, tgt = encode(t, raw_lines("lohelp.de-en.test.de.xz", 12)), t.task.target_dictionary
+    big = random_model(deen_slice / "bin", DECODERS[decoder], seed=3)[0]  # a seed whose outputs end early
+    small = random_model(deen_slice / "bin", TINY_SMALL, seed=22)[0]
+    options = dict(beam_size=1, max_len_b=MAX_LEN_B, min_len=12, unk_penalty=-15.0)  # a bonus: <unk> gets written
+    stock = decode_all(SequenceGenerator([big], tgt, **options), sources, 1)
+    exact = BildSequenceGenerator([big], tgt, small_model=small, exact=True, rollback_threshold=2.0, **options)
+    assert decode_all(exact, sources, 5) == stock
+    plain = decode_all(SequenceGenerator([big], tgt, beam_size=1, max_len_b=MAX_LEN_B), sources, 1)
+    assert min(len(h) for h in stock) > 12 and min(len(h) for h in plain) <= 12  # min-len in effect
+    assert sum(h.count(tgt.unk()) for h in stock) > sum(h.count(tgt.unk()) for h in plain)  # unkpen in effect

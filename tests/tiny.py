@@ -24,6 +24,15 @@ TINY_SMALL = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed
               "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "32",
               "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
               "--share-decoder-input-output-embed"]
+UNTIED_BIG = [a for a in TINY_BIG if a not in ("--share-decoder-input-output-embed", "--decoder-learned-pos")]
+UNTIED_SMALL = [a for a in TINY_SMALL if a != "--share-decoder-input-output-embed"]
+#: the decoder forms the plugin supports (README), as fairseq arguments
+DECODERS = {
+    "post-norm, tied, learned positions": TINY_BIG,
+    "pre-norm, untied, sinusoidal positions": UNTIED_BIG + ["--decoder-normalize-before", "--encoder-normalize-before"],
+    "layernorm_embedding, unscaled, project out": UNTIED_SMALL + [
+        "--layernorm-embedding", "--no-scale-embedding", "--decoder-output-dim", "24"],
+}
 
 
 def prepare_slice(corpus: str, out: Path, limit: int = 300) -> Path:
@@ -35,9 +44,9 @@ def prepare_slice(corpus: str, out: Path, limit: int = 300) -> Path:
     return out
 
 
-def random_checkpoint(bin_dir: Path, arch_args: list[str], path: Path, seed: int, extra: list[str] = ()) -> Path:
-    """Build a randomly initialised ``transformer`` for ``bin_dir``'s dictionaries and save it as
-    an inference checkpoint (what a trained model looks like to the loader)."""
+def random_model(bin_dir: Path, arch_args: list[str], seed: int, extra: list[str] = ()):
+    """A randomly initialised ``transformer`` for ``bin_dir``'s dictionaries, made sharp enough
+    that greedy outputs vary; returns (model, parsed args)."""
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
@@ -58,6 +67,26 @@ def random_checkpoint(bin_dir: Path, arch_args: list[str], path: Path, seed: int
         # make EOS a frequent enough argmax that hypotheses end at varied lengths
         eos = task.target_dictionary.eos()
         model.decoder.embed_tokens.weight[eos].mul_(EOS_SCALE)
+        if model.decoder.output_projection.weight is not model.decoder.embed_tokens.weight:  # untied
+            model.decoder.output_projection.weight[eos].mul_(EOS_SCALE)
+    return model.eval(), args
+
+
+def with_project_in(model, width: int = 24):
+    """``model`` with narrower embeddings projected up to the decoder's width (``project_in_dim``):
+    the one decoder form no fairseq option builds for a translation transformer, made by surgery."""
+    d = model.decoder
+    torch.manual_seed(width)
+    d.embed_tokens = torch.nn.Embedding(d.embed_tokens.num_embeddings, width, padding_idx=d.padding_idx)
+    torch.nn.init.normal_(d.embed_tokens.weight, 0, width ** -0.5)
+    d.project_in_dim = torch.nn.Linear(width, d.embed_dim, bias=False)
+    return model.eval()
+
+
+def random_checkpoint(bin_dir: Path, arch_args: list[str], path: Path, seed: int, extra: list[str] = ()) -> Path:
+    """A random model (``random_model``) saved as an inference checkpoint (what a trained model
+    looks like to the loader)."""
+    model, args = random_model(bin_dir, arch_args, seed, extra)
     torch.save(inference_state({"args": None, "model": args, "task": {"_name": "translation", "data": str(bin_dir)}},
                                model.state_dict(), fp16=False), path)
     return path

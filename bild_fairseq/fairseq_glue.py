@@ -26,6 +26,7 @@ an upstream bug that loses sentences, and a fifth keeps a user's mistake to one 
 from __future__ import annotations
 
 import atexit
+import functools
 import dataclasses
 import json
 import logging
@@ -188,6 +189,7 @@ def _hook_batch_by_size() -> None:
 
     stock = data_utils.batch_by_size
 
+    @functools.wraps(stock)  # stock's stays reachable as ``__wrapped__``
     def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None, max_sentences=None,
                       required_batch_size_multiple=1, fixed_shapes=None):
         if not isinstance(indices, np.ndarray):  # an iterator would be spent by the first call

@@ -13,9 +13,6 @@ class Score:
     value: float
     signature: str
 
-    def __str__(self) -> str:
-        return f"{self.name} = {self.value:.2f}  ({self.signature})"
-
     def to_dict(self) -> dict:
         return asdict(self)
 

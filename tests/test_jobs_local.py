@@ -235,9 +235,29 @@ def _replace_a_line(path: Path) -> None:
     path.write_bytes(b"\n".join([b"something else", *lines[1:]]))
 
 
-@pytest.mark.parametrize("damage, file", [(_drop_last_newline, "out"), (_swap_first_lines, "out"),
-                                          (_replace_a_line, "out"), (lambda p: p.write_text(""), "json")])
-def test_a_damaged_shard_is_named_never_collected_and_recomputed(tiny_pair, tmp_path, damage, file):
+@pytest.mark.parametrize("damage, file, why", [
+    (_drop_last_newline, "out", "was changed after the worker wrote it (3 lines"),
+    (_swap_first_lines, "out", "was changed after the worker wrote it (4 lines"),
+    (_replace_a_line, "out", "was changed after the worker wrote it (4 lines"),
+    (lambda p: p.unlink(), "out", "is missing"),
+    (lambda p: p.write_text(""), "json", "is unreadable (JSONDecodeError)"),
+])
+def test_a_damaged_shard_is_told_apart_by_its_record(tmp_path, damage, file, why):
+    """A done shard's output must still have the line count and checksum its worker recorded."""
+    from jobs.workdir import ShardRecord, count_and_hash
+
+    wd = WorkDir(tmp_path / "w")
+    wd.create()
+    wd.output(1).write_bytes(b"one\ntwo\nthree\nfour\n")
+    lines, sha = count_and_hash(wd.output(1))
+    wd.write_record(ShardRecord(1, 4, 8, "cfg", "done", 1, output_lines=lines, output_sha256=sha))
+    assert wd.damage(1, "cfg") is None and wd.damage(1, "other config") is None  # another run's shard: not ours
+    target = wd.output(1) if file == "out" else wd.record_path(1)
+    damage(target)
+    assert wd.damage(1, "cfg").startswith(f"its {'output' if file == 'out' else 'record'} {target} {why}")
+
+
+def test_a_damaged_shard_is_named_never_collected_and_recomputed(tiny_pair, tmp_path):
     src = tmp_path / "in.de"
     src.write_bytes(b"".join(line + b"\n" for line in real_lines(CORPUS, 12)))
     out = tmp_path / "o.en"
@@ -246,12 +266,11 @@ def test_a_damaged_shard_is_named_never_collected_and_recomputed(tiny_pair, tmp_
     assert CliRunner().invoke(main, args).exit_code == 0
     clean = out.read_bytes()
     wd = WorkDir(tmp_path / "o.en.work")
-    target = wd.output(1) if file == "out" else wd.record_path(1)
-    damage(target)
+    _swap_first_lines(wd.output(1))
 
     collected = CliRunner().invoke(main, ["collect", str(wd.root)])
     assert collected.exit_code == 1 and "Traceback" not in collected.output
-    assert f"shard 1: its {'output' if file == 'out' else 'record'} {target}" in collected.output
+    assert f"shard 1: its output {wd.output(1)} was changed" in collected.output
     assert "not collected" in collected.output and out.read_bytes() == clean
     status = CliRunner().invoke(main, ["status", str(wd.root)])
     assert status.exit_code == 0 and "1 damaged" in status.output

@@ -39,12 +39,6 @@ def test_the_tools_reach_the_runner_through_functions_not_its_cli():
                 for name in imported_modules(path) if name == "jobs.cli"}
 
 
-def test_the_layout_test_sees_an_upward_import(tmp_path):
-    bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from jobs.tuning.bench import bench\n")
-    assert "jobs.tuning.bench" in imported_modules(bad)
-
-
 def test_no_large_file_is_tracked_outside_the_pair_directories():
     import subprocess
 

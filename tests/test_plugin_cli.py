@@ -1,5 +1,6 @@
 """The stock fairseq-generate / fairseq-interactive binaries with --user-dir bild_fairseq --bild."""
 import json
+import re
 import subprocess
 
 import pytest
@@ -29,9 +30,15 @@ def generate(deen_slice, tiny_pair):
     return lambda *extra: run(base + list(extra))
 
 
-def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, tiny_pair, tmp_path):
-    stock = generate("--batch-size", "16")
-    assert stock.returncode == 0, stock.stderr
+@pytest.fixture(scope="module")
+def stock(generate):
+    """Stock fairseq greedy decoding of the slice's valid split, batches of 16."""
+    proc = generate("--batch-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, stock, tiny_pair, tmp_path):
     stats = tmp_path / "stats.json"
     bild = generate("--batch-size", "16", "--bild", "--bild-small-path", str(tiny_pair / "small.pt"), "--bild-exact",
                     "--bild-fallback-threshold", "0", "--bild-max-small-steps", "4", "--bild-stats-json", str(stats))
@@ -46,10 +53,10 @@ def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, tin
     assert "BiLD: " in bild.stderr and "rollbacks" in bild.stderr
 
 
-def test_exact_mode_keeps_stocks_length_limit_with_max_len_a(small_test_sets, tiny_pair):
+def test_exact_mode_keeps_stocks_length_limit_with_max_len_a(thirteen, tiny_pair):
     """--max-len-a: the limit counts the source as fairseq does (EOS included), so at batch 1
     exact mode equals stock even for outputs that reach it (issue 27, item 12)."""
-    base = ["fairseq-generate", str(small_test_sets[13]), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
+    base = ["fairseq-generate", str(thirteen), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
             "--gen-subset", "test", "--beam", "1", "--batch-size", "1", "--max-len-a", "1.2", "--max-len-b", "3"]
     stock = run(base)
     bild = run(base + ["--bild", "--bild-small-path", str(tiny_pair / "small.pt"), "--bild-exact"])
@@ -62,36 +69,48 @@ def test_exact_mode_keeps_stocks_length_limit_with_max_len_a(small_test_sets, ti
     assert any(len(ref[k][0].split()) == int(1.2 * sources[k] + 3) for k in ref)
 
 
-def test_generate_on_onnxruntime_without_bild_is_greedy_decoding_of_the_path_model(generate, tiny_pair):
+def test_generate_on_onnxruntime_without_bild_is_greedy_decoding_of_the_path_model(generate, stock, tiny_pair):
     """--bild-engine onnxruntime alone: a fast greedy decoder for the --path model, no small
     model needed; its output is stock fairseq's (differences only at near ties, which
     test_engines checks in process), and a finished run's BiLD statistics say who wrote what."""
-    stock = generate("--batch-size", "16")
     ort = generate("--batch-size", "16", "--bild-engine", "onnxruntime")
     assert ort.returncode == 0, ort.stderr
     ref, got = hypotheses(stock.stdout), hypotheses(ort.stdout)
     assert len(ref) > 100 and set(got) == set(ref)
     assert sum(got[k][0] == ref[k][0] for k in ref) >= 0.97 * len(ref)
-    refused = generate("--bild-int8")
-    assert refused.returncode == 1 and "--bild-int8 needs --bild-engine onnxruntime" in refused.stderr
-    assert "Traceback" not in refused.stderr
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--beam", "4"], "--beam must be 1"),
-    (["--sampling"], "--sampling is not supported"),
-    (["--bild-fallback-threshold", "1.5"], "must be in [0, 1]"),
-    (["--bild-small-path", "/nonexistent/small.pt"], "no such readable file"),
+@pytest.mark.parametrize("options,message", [
+    (dict(beam=4), "--beam must be 1"),
+    (dict(sampling=True), "--sampling is not supported"),
+    (dict(bild_fallback_threshold=1.5), "must be in [0, 1]"),
+    (dict(bild_small_path="/nonexistent/small.pt"), "no such readable file"),
+    (dict(bild=False, bild_int8=True), "--bild-int8 needs --bild-engine onnxruntime"),
 ])
-def test_generate_refuses_bad_options_before_decoding(generate, tiny_pair, extra, message):
-    args = ["--bild", "--bild-small-path", str(tiny_pair / "small.pt"), *extra]
-    proc = generate(*args)
-    assert proc.returncode == 1
-    assert message in proc.stderr
-    assert "H-" not in proc.stdout
+def test_bad_options_are_refused_when_the_generator_is_built(tiny_pair, options, message):
+    """Where fairseq-generate/-interactive build their generator (``task.build_generator``),
+    before any decoding."""
+    from fairseq.dataclass.configs import GenerationConfig
+
+    from bild_fairseq.api import PairTranslator
+    from bild_fairseq.config import BildOptionError
+
+    t = PairTranslator.from_pair_dir(tiny_pair, mode="big")
+    cfg = GenerationConfig(beam=1)
+    cfg.bild, cfg.bild_small_path = True, str(tiny_pair / "small.pt")
+    for name, value in options.items():
+        setattr(cfg, name, value)
+    with pytest.raises(BildOptionError, match=re.escape(message)):
+        t.task.build_generator([t.generator.model.single_model], cfg)
+
+
+def test_a_refusal_is_one_line_from_the_command(generate, tiny_pair):
+    proc = generate("--bild", "--bild-small-path", "/nonexistent/small.pt")
+    assert proc.returncode == 1 and "H-" not in proc.stdout
     # one line, no traceback above it (fairseq does not catch errors; the plugin's excepthook does)
     assert "Traceback" not in proc.stderr
-    assert [line for line in proc.stderr.splitlines() if "error:" in line][0].startswith("fairseq-generate: error: ")
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == ["fairseq-generate: error: --bild-small-path /nonexistent/small.pt: no such readable file"]
 
 
 def test_generate_refuses_small_model_with_other_dictionary(generate, summ_slice, tmp_path):
@@ -131,35 +150,49 @@ def test_task_build_generator_gets_bild_from_options_and_small_follows_big_dtype
 
 
 @pytest.fixture(scope="module")
-def small_test_sets(deen_slice, tmp_path_factory):
-    """The first 13 and 101 test sentences of the slice, binarized with its dictionaries."""
-    out = {}
-    for n in (13, 101):
-        d = tmp_path_factory.mktemp(f"test{n}")
-        for lang in ("de", "en"):
-            lines = (deen_slice / "bpe" / f"test.{lang}").read_text(encoding="utf-8").splitlines()[:n]
-            (d / f"test.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        proc = run(["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--testpref", str(d / "test"),
-                    "--destdir", str(d / "bin"), "--srcdict", str(deen_slice / "bin" / "dict.de.txt"),
-                    "--tgtdict", str(deen_slice / "bin" / "dict.en.txt"), "--workers", "1"])
-        assert proc.returncode == 0, proc.stderr
-        out[n] = d / "bin"
-    return out
-
-
-@pytest.mark.parametrize("n,batching", [(13, ["--batch-size", "1"]), (13, ["--batch-size", "8"]),
-                                        (13, ["--batch-size", "16"]), (13, ["--max-tokens", "100"]),
-                                        (101, ["--batch-size", "16"]), (101, ["--max-tokens", "300"])])
-@pytest.mark.parametrize("bild", [False, True])
-def test_generate_decodes_every_sentence_at_any_batching(small_test_sets, tiny_pair, n, batching, bild):
-    """fairseq 0.12 drops the last batch unless its size is a multiple of
-    --required-batch-size-multiple (8): the plugin keeps it (fairseq issue #5036)."""
-    extra = ["--bild", "--bild-small-path", str(tiny_pair / "small.pt")] if bild else []
-    proc = run(["fairseq-generate", str(small_test_sets[n]), "--user-dir", PLUGIN_DIR, "--path",
-                str(tiny_pair / "big.pt"), "--gen-subset", "test", "--max-len-b", "10", "--beam", "1",
-                *batching, *extra])
+def thirteen(deen_slice, tmp_path_factory):
+    """The first 13 test sentences of the slice, binarized with its dictionaries."""
+    d = tmp_path_factory.mktemp("test13")
+    for lang in ("de", "en"):
+        lines = (deen_slice / "bpe" / f"test.{lang}").read_text(encoding="utf-8").splitlines()[:13]
+        (d / f"test.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    proc = run(["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--testpref", str(d / "test"),
+                "--destdir", str(d / "bin"), "--srcdict", str(deen_slice / "bin" / "dict.de.txt"),
+                "--tgtdict", str(deen_slice / "bin" / "dict.en.txt"), "--workers", "1"])
     assert proc.returncode == 0, proc.stderr
-    assert sorted(hypotheses(proc.stdout)) == list(range(n))
+    return d / "bin"
+
+
+@pytest.mark.parametrize("max_tokens,max_sentences", [(None, 1), (None, 8), (None, 16), (100, None), (300, 16)])
+def test_the_batcher_keeps_every_sentence_within_the_limits(max_tokens, max_sentences):
+    """fairseq 0.12 drops the last batch unless its size is a multiple of
+    --required-batch-size-multiple (8): the plugin's batcher keeps it (fairseq issue #5036)."""
+    import numpy as np
+    from fairseq.data import data_utils
+
+    import bild_fairseq  # noqa: F401  (installs the hook)
+
+    for n in (13, 101):
+        sizes = np.random.default_rng(n).integers(2, 30, n)
+        indices = np.argsort(sizes, kind="mergesort")
+        def batches(batcher):
+            return batcher(indices, lambda i: sizes[i], sizes[indices], max_tokens, max_sentences,
+                           required_batch_size_multiple=8)
+        kept = batches(data_utils.batch_by_size)
+        assert sorted(np.concatenate(kept).tolist()) == list(range(n))
+        for b in kept:
+            assert len(b) <= (max_sentences or n) and len(b) * sizes[b].max() <= (max_tokens or 10**9)
+        if max_sentences != 1:
+            assert sum(map(len, batches(data_utils.batch_by_size.__wrapped__))) < n  # stock's drop
+
+
+def test_generate_decodes_every_sentence(thirteen, tiny_pair):
+    """The batcher above, reached through the stock command line: 13 sentences at --batch-size 16."""
+    proc = run(["fairseq-generate", str(thirteen), "--user-dir", PLUGIN_DIR, "--path",
+                str(tiny_pair / "big.pt"), "--gen-subset", "test", "--max-len-b", "10", "--beam", "1",
+                "--batch-size", "16", "--bild", "--bild-small-path", str(tiny_pair / "small.pt")])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(hypotheses(proc.stdout)) == list(range(13))
 
 
 def test_bild_jobs_binarize_makes_data_bin_with_the_pairs_own_encoding(tiny_pair, tmp_path):

@@ -24,15 +24,33 @@ def hypotheses(stdout):
 
 
 @pytest.fixture(scope="module")
-def generate(deen_slice, tiny_pair):
-    base = ["fairseq-generate", str(deen_slice / "bin"), "--user-dir", PLUGIN_DIR, "--path",
-            str(tiny_pair / "big.pt"), "--gen-subset", "valid", "--max-len-b", "25", "--beam", "1"]
+def test_sets(deen_slice, tmp_path_factory):
+    """The first 13 and 80 test sentences of the slice, binarized with its dictionaries."""
+    out = {}
+    for n in (13, 80):
+        d = tmp_path_factory.mktemp(f"test{n}")
+        for lang in ("de", "en"):
+            lines = (deen_slice / "bpe" / f"test.{lang}").read_text(encoding="utf-8").splitlines()[:n]
+            (d / f"test.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        proc = run(["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--testpref", str(d / "test"),
+                    "--destdir", str(d / "bin"), "--srcdict", str(deen_slice / "bin" / "dict.de.txt"),
+                    "--tgtdict", str(deen_slice / "bin" / "dict.en.txt"), "--workers", "1"])
+        assert proc.returncode == 0, proc.stderr
+        out[n] = d / "bin"
+    return out
+
+
+@pytest.fixture(scope="module")
+def generate(test_sets, tiny_pair):
+    """fairseq-generate on 80 real test sentences with the tiny pair's big model."""
+    base = ["fairseq-generate", str(test_sets[80]), "--user-dir", PLUGIN_DIR, "--path",
+            str(tiny_pair / "big.pt"), "--gen-subset", "test", "--max-len-b", "25", "--beam", "1"]
     return lambda *extra: run(base + list(extra))
 
 
 @pytest.fixture(scope="module")
 def stock(generate):
-    """Stock fairseq greedy decoding of the slice's valid split, batches of 16."""
+    """Stock fairseq greedy decoding, batches of 16."""
     proc = generate("--batch-size", "16")
     assert proc.returncode == 0, proc.stderr
     return proc
@@ -44,7 +62,7 @@ def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, sto
                     "--bild-fallback-threshold", "0", "--bild-max-small-steps", "4", "--bild-stats-json", str(stats))
     assert bild.returncode == 0, bild.stderr
     ref, got = hypotheses(stock.stdout), hypotheses(bild.stdout)
-    assert len(ref) > 100 and set(ref) == set(got)
+    assert set(ref) == set(got) == set(range(80))
     for k in ref:
         assert got[k][0] == ref[k][0]
         assert [float(x) for x in got[k][1].split()] == pytest.approx([float(x) for x in ref[k][1].split()], abs=1e-3)
@@ -53,10 +71,10 @@ def test_generate_exact_bild_equals_stock_greedy_and_reports_stats(generate, sto
     assert "BiLD: " in bild.stderr and "rollbacks" in bild.stderr
 
 
-def test_exact_mode_keeps_stocks_length_limit_with_max_len_a(thirteen, tiny_pair):
+def test_exact_mode_keeps_stocks_length_limit_with_max_len_a(test_sets, tiny_pair):
     """--max-len-a: the limit counts the source as fairseq does (EOS included), so at batch 1
     exact mode equals stock even for outputs that reach it (issue 27, item 12)."""
-    base = ["fairseq-generate", str(thirteen), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
+    base = ["fairseq-generate", str(test_sets[13]), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
             "--gen-subset", "test", "--beam", "1", "--batch-size", "1", "--max-len-a", "1.2", "--max-len-b", "3"]
     stock = run(base)
     bild = run(base + ["--bild", "--bild-small-path", str(tiny_pair / "small.pt"), "--bild-exact"])
@@ -76,7 +94,7 @@ def test_generate_on_onnxruntime_without_bild_is_greedy_decoding_of_the_path_mod
     ort = generate("--batch-size", "16", "--bild-engine", "onnxruntime")
     assert ort.returncode == 0, ort.stderr
     ref, got = hypotheses(stock.stdout), hypotheses(ort.stdout)
-    assert len(ref) > 100 and set(got) == set(ref)
+    assert set(got) == set(ref) == set(range(80))
     assert sum(got[k][0] == ref[k][0] for k in ref) >= 0.97 * len(ref)
 
 
@@ -149,20 +167,6 @@ def test_task_build_generator_gets_bild_from_options_and_small_follows_big_dtype
     assert type(t.task.build_generator([big], cfg)).__name__ == "SequenceGenerator"
 
 
-@pytest.fixture(scope="module")
-def thirteen(deen_slice, tmp_path_factory):
-    """The first 13 test sentences of the slice, binarized with its dictionaries."""
-    d = tmp_path_factory.mktemp("test13")
-    for lang in ("de", "en"):
-        lines = (deen_slice / "bpe" / f"test.{lang}").read_text(encoding="utf-8").splitlines()[:13]
-        (d / f"test.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    proc = run(["fairseq-preprocess", "--source-lang", "de", "--target-lang", "en", "--testpref", str(d / "test"),
-                "--destdir", str(d / "bin"), "--srcdict", str(deen_slice / "bin" / "dict.de.txt"),
-                "--tgtdict", str(deen_slice / "bin" / "dict.en.txt"), "--workers", "1"])
-    assert proc.returncode == 0, proc.stderr
-    return d / "bin"
-
-
 @pytest.mark.parametrize("max_tokens,max_sentences", [(None, 1), (None, 8), (None, 16), (100, None), (300, 16)])
 def test_the_batcher_keeps_every_sentence_within_the_limits(max_tokens, max_sentences):
     """fairseq 0.12 drops the last batch unless its size is a multiple of
@@ -186,9 +190,9 @@ def test_the_batcher_keeps_every_sentence_within_the_limits(max_tokens, max_sent
             assert sum(map(len, batches(data_utils.batch_by_size.__wrapped__))) < n  # stock's drop
 
 
-def test_generate_decodes_every_sentence(thirteen, tiny_pair):
+def test_generate_decodes_every_sentence(test_sets, tiny_pair):
     """The batcher above, reached through the stock command line: 13 sentences at --batch-size 16."""
-    proc = run(["fairseq-generate", str(thirteen), "--user-dir", PLUGIN_DIR, "--path",
+    proc = run(["fairseq-generate", str(test_sets[13]), "--user-dir", PLUGIN_DIR, "--path",
                 str(tiny_pair / "big.pt"), "--gen-subset", "test", "--max-len-b", "10", "--beam", "1",
                 "--batch-size", "16", "--bild", "--bild-small-path", str(tiny_pair / "small.pt")])
     assert proc.returncode == 0, proc.stderr

@@ -5,6 +5,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs one worker per core (pytest.ini): each worker's torch, and every process it
+    # starts, keeps to one thread, so the workers do not oversubscribe the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -19,7 +19,7 @@ N_LINES = 10
 ENGINE_VARIANTS = ["big", "bild-exact", "bild-default", "bild-tuned"]
 VARIANTS = ["stock", "big", "small", "bild-exact", "bild-default", "bild-tuned",
             *(v + tag for tag in ("/ort", "/ort8") for v in ENGINE_VARIANTS), "ct2-fp32", "ct2-int8"]
-BATCHINGS = ["batch 1", "batch 4", "max-tokens 120"]
+BATCHINGS = ["batch 1", "max-tokens 120"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def run(active_pair, tmp_path_factory):
                                                  "max_small_steps": 6}}]}]}))
     (d / "BENCHMARKS.md").write_text("# Benchmarks\n\nanalysis written by hand\n")
     out = CliRunner().invoke(bench, [str(suites), "--out", str(d / "out"), "--repeats", "2", "--no-memory",
-                                     "--batch", "1", "--batch", "4", "--batch", "tokens:120",
+                                     "--batch", "1", "--batch", "tokens:120",
                                      "--update-markdown", str(d / "BENCHMARKS.md")])
     assert out.exit_code == 0, out.output + out.stderr + repr(out.exception)
     return d, json.loads((d / "out" / "bench.json").read_text()), out.stdout
@@ -114,14 +114,38 @@ def test_missing_ctranslate2_skips_its_rows_with_a_note(active_pair, tmp_path, m
         "source": str(write_lines(tmp_path / "src.de", "lohelp.de-en.test.de.xz", 2)),
         "reference": str(write_lines(tmp_path / "ref.en", "lohelp.de-en.test.en.xz", 2))}]}))
     out = CliRunner().invoke(bench, [str(suites), "--out", str(tmp_path / "out"), "--repeats", "1",
-                                     "--batch", "1", "--engine", "torch"])
+                                     "--batch", "1", "--engine", "torch", "--no-memory"])
     assert out.exit_code == 0, out.output
     suite = json.loads((tmp_path / "out" / "bench.json").read_text())["suites"][0]
     assert not any(r["variant"].startswith("ct2") for r in suite["rows"])
     assert not any("/ort" in r["variant"] for r in suite["rows"])  # --engine torch only
-    for r in suite["rows"]:
-        assert r["memory"]["peak_rss_mib"] >= r["memory"]["loaded_rss_mib"] > 50
     assert "Note: CTranslate2 rows skipped: CTranslate2 is not installed." in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_the_memory_pass_measures_a_variant_in_a_process_of_its_own(active_pair, tmp_path):
+    """What ``bench --memory`` runs per variant: a fresh process that loads only that variant's
+    models, its peak reset before each batching (so a later batching is not billed an earlier
+    one's peak)."""
+    from jobs.tuning.peakmem import peak_memory
+
+    lines = [line.decode() for line in real_lines(CORPORA / "lohelp.de-en.test.de.xz", 4)]
+    variant = {"name": "bild", "mode": "bild", "fallback_threshold": 0.0}
+    got = peak_memory(active_pair, variant, lines, [(1, 10**6), (None, 200)], "cpu", 1, tmp_path)
+    assert set(got) == {"batch 1", "max-tokens 200"}
+    for m in got.values():
+        assert m["peak_rss_mib"] >= m["loaded_rss_mib"] > 0 and "peak_cuda_mib" not in m
+
+
+def test_the_peak_is_reset_to_what_the_process_holds_now():
+    import numpy as np
+
+    from jobs.tuning.peakmem import MIB, _reset_peak, _status_kib
+
+    block = np.ones(256 * 2**20 // 8)  # 256 MiB, written
+    high = _status_kib("VmHWM")
+    del block
+    _reset_peak()
+    assert _status_kib("VmHWM") < high - 200 * MIB
 
 
 def test_markdown_has_every_column_and_the_targets(run):

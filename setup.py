@@ -33,6 +33,6 @@ setup(
     # peers: engines the benchmark compares BiLD with (CTranslate2 rows of `bild-jobs bench`);
     # the tests check those rows' plumbing, so the test extra includes them
     extras_require={"peers": ["ctranslate2>=4.5,<5"],
-                    "test": ["pytest>=8", "pytest-timeout>=2.3", "ctranslate2>=4.5,<5"]},
+                    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "ctranslate2>=4.5,<5"]},
     entry_points={"console_scripts": ["bild-jobs=jobs.cli:main"]},
 )

@@ -51,6 +51,11 @@ def rouge(hyps: Sequence[str], refs: Sequence[str]) -> list[Score]:
     return [Score(k.replace("rouge", "ROUGE-"), 100 * totals[k] / n, sig) for k in kinds]
 
 
+#: the metrics score_task reports per task, and the one quality targets and comparisons use
+METRICS = {"translation": ("BLEU", "chrF"), "summarization": ("ROUGE-1", "ROUGE-2", "ROUGE-L")}
+PRIMARY_METRIC = {"translation": "BLEU", "summarization": "ROUGE-L"}
+
+
 def score_task(task: str, hyps: Sequence[str], refs: Sequence[str]) -> list[Score]:
     """The project's metrics for a task: BLEU+chrF for translation, ROUGE for summarization."""
     return rouge(hyps, refs) if task == "summarization" else [bleu(hyps, refs), chrf(hyps, refs)]

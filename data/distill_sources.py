@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.corpora import CORPORA  # noqa: E402
-from data.prepare import read_lines  # noqa: E402
+from jobs.shards import read_lines  # noqa: E402
 
 NGRAM = 6
 

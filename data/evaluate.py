@@ -26,7 +26,7 @@ from bild_fairseq.incremental import IncrementalDecoder  # noqa: E402
 from bild_fairseq.pairdir import PairSpec  # noqa: E402
 from bild_fairseq.scoring import score_task  # noqa: E402
 from data.corpora import CORPORA  # noqa: E402
-from data.prepare import read_lines  # noqa: E402
+from jobs.shards import read_lines  # noqa: E402
 
 
 def decoder_macs_per_token(model) -> int:

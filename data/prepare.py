@@ -8,20 +8,14 @@ The joined dictionary is what lets a big and a small model decode together.
 from __future__ import annotations
 
 import argparse
-import lzma
 import subprocess
 import sys
-from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bild_fairseq.text import TextPipeline  # noqa: E402
 from data.corpora import CORPORA, SPLITS, Corpus  # noqa: E402
-
-
-def read_lines(path: Path, limit: int | None) -> list[str]:
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in islice(f, limit)]
+from jobs.shards import read_lines  # noqa: E402  (plain, gzip or xz)
 
 
 def prepare(corpus: Corpus, out: Path, limit: int | None = None, workers: int = 2) -> Path:

@@ -25,11 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bild_fairseq.checkpoints import CheckpointError, export_for_inference, inference_state, last_interval_checkpoints  # noqa: E402
+from bild_fairseq.config import DEFAULTS, THRESHOLDS  # noqa: E402
 from bild_fairseq.pairdir import PairSpec  # noqa: E402
 from data.corpora import CORPORA, Corpus  # noqa: E402
-
-#: BiLD settings recorded in pair.json (the issue's defaults until a sweep recommends better ones)
-DEFAULT_BILD = {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10}
 
 COMMON = [
     "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
@@ -171,7 +169,7 @@ def export_pair(corpus: Corpus, work: Path, out: Path, average_big: int = 1, big
         source_lang=corpus.src_suffix, target_lang=corpus.tgt_suffix,
         moses_source_lang=corpus.src_lang, moses_target_lang=corpus.tgt_lang,
         max_source_tokens=corpus.max_source_tokens,
-        bild=old.bild if old else dict(DEFAULT_BILD),  # keep thresholds a sweep wrote
+        bild=old.bild if old else {k: DEFAULTS[k] for k in THRESHOLDS},  # keep thresholds a sweep wrote
         small=old.small if old and (out / old.small).is_file() else "small.pt",  # and an aligned default
         generation={"max_len_a": 0, "max_len_b": corpus.max_len_b},
     )

@@ -9,32 +9,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 from bild_fairseq.pairdir import PairSpec
+from jobs.commands import run_logged
 
 
 #: in a DATA_BIN this command made: the files it wrote there, the only ones a rerun may replace
 MARKER = ".bild-binarize.json"
 
 
-class CommandFailed(RuntimeError):
-    """An external command (fairseq-preprocess, fairseq-train) failed; the message ends with its log."""
-
-
 class BinarizeError(ValueError):
     """The output directory holds files this command did not write; nothing was deleted."""
-
-
-def run_logged(cmd: list[str], log: Path, what: str, env: dict | None = None) -> None:
-    """Run ``cmd`` with its output appended to ``log``; on failure raise with the log's last lines."""
-    with open(log, "a", encoding="utf-8") as f:
-        print(" ".join(cmd), file=f, flush=True)
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-        raise CommandFailed(f"{what} failed (exit {code}); {log} ends:\n  " + "\n  ".join(tail))
 
 
 def binarize(spec: PairSpec, splits: dict[str, tuple[list[str], list[str] | None]], destdir: Path,

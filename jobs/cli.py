@@ -46,7 +46,7 @@ def _summary(result: dict, wd: WorkDir) -> str:
     if stats.get("tokens"):
         lines.append(f"decoding: {stats['tokens']} tokens, big-model share {100 * stats['big_token_share']:.1f}%, "
                      f"{stats['fallbacks']} fallbacks, {stats['rollbacks']} rollbacks, "
-                     f"{stats['big_passes_per_token']:.3f} big-model calls per token")
+                     f"{stats['big_passes_per_token']:.3f} big-model passes per token")
     last = result.get("last_run")
     if last is not None and last["shards"] == 0:
         lines.append("time: nothing decoded in this run (every shard was done before)")
@@ -302,7 +302,8 @@ def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, 
     import tempfile
 
     from bild_fairseq.pairdir import PairDirError, PairSpec
-    from jobs.binarize import BinarizeError, CommandFailed, binarize as make_data_bin
+    from jobs.binarize import BinarizeError, binarize as make_data_bin
+    from jobs.commands import CommandFailed
     from jobs.shards import read_lines
 
     try:

@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from bild_fairseq.api import MODES
 from bild_fairseq.config import BATCH_POLICY, SETTINGS, THRESHOLDS, BildChoice, BildOptionError, check_settings
 from bild_fairseq.engines import ENGINES
 from bild_fairseq.pairdir import PairSpec
 from jobs.shards import plan
 from jobs.workdir import write_atomic
-
-MODES = ("bild", "big", "small")
 
 
 class ConfigError(ValueError):

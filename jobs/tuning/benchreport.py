@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bild_fairseq.scoring import METRICS
 from jobs.tuning.targets import check
 
 BEGIN = "<!-- bild-jobs bench: generated section, begin -->"
 END = "<!-- bild-jobs bench: generated section, end -->"
-QUALITY_COLUMNS = {"translation": ["BLEU", "chrF"], "summarization": ["ROUGE-1", "ROUGE-2", "ROUGE-L"]}
 
 
 def _num(value: float | None, fmt: str = ".2f", suffix: str = "") -> str:
@@ -38,7 +38,7 @@ def _run_description(result: dict) -> list[str]:
 
 
 def _suite_table(suite: dict) -> list[str]:
-    quality = QUALITY_COLUMNS[suite["task"]]
+    quality = list(METRICS[suite["task"]])
     header = ["batching", "variant", "time (s)", "sent/s", "tok/s", "× stock", "× big", *quality, "= stock",
               "= big (same engine)", "fallback", "rollback", "big tokens", "peak RSS (MiB)"]
     rows = []

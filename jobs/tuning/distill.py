@@ -43,7 +43,9 @@ import bild_fairseq
 from bild_fairseq.checkpoints import CheckpointError, export_for_inference, last_interval_checkpoints, model_settings
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
-from jobs.binarize import BinarizeError, CommandFailed, binarize, run_logged
+from bild_fairseq.scoring import PRIMARY_METRIC
+from jobs.binarize import BinarizeError, binarize
+from jobs.commands import CommandFailed, run_logged
 from jobs.collect import CollectError
 from jobs.config import ConfigError, Decoding
 from jobs.executors.local import LocalExecutor, plan_slots
@@ -196,7 +198,7 @@ def install_model(aligned: Path, target: Path) -> Path | None:
 def comparison(suite: dict, unaligned: SmallModel, aligned: SmallModel, default_small: str) -> list[str]:
     """Markdown: the unaligned and the aligned small model side by side (first batching)."""
     rows = {r["variant"]: r for r in suite["rows"] if r["batching"] == suite["rows"][0]["batching"]}
-    metric = {"translation": "BLEU", "summarization": "ROUGE-L"}[suite["task"]]
+    metric = PRIMARY_METRIC[suite["task"]]
     header = ["small model", "agreement", f"small alone {metric}", "BiLD default: × big", "fallback", "rollback",
               "big tokens", "BiLD exact: × big"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -240,7 +240,8 @@ def stats_of(translator: PairTranslator) -> BildStats | None:
 
 def bild_rates(stats: dict) -> dict:
     """BiLD's counters as rates: the share of small-model steps that handed over (fallback), of
-    big-model passes that rejected a small-model token (rollback), of output tokens from the big model."""
+    the big model's per-sentence verifications (``big_calls``; a pass may verify several sentences)
+    that rejected a small-model token (rollback), of output tokens from the big model."""
     def share(a: str, b: str) -> float | None:
         return stats[a] / stats[b] if stats.get(b) else None
 

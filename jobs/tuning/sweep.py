@@ -21,12 +21,11 @@ import click
 
 from bild_fairseq.config import DEFAULTS, SETTINGS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
-from bild_fairseq.scoring import score_task
+from bild_fairseq.scoring import PRIMARY_METRIC, score_task
 from jobs.shards import read_lines
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Variant, bild_rates, detokenize,
                                  encode, measure)
 from jobs.tuning.pareto import Point, frontier, plot, recommend
-from jobs.tuning.targets import QUALITY
 
 def grid(fallbacks: list[float], rollbacks: list[float], steps: list[int], small: str | None,
          shares: list[float] = (0.0,), max_waits: list[int] = (DEFAULTS["max_wait"],),
@@ -65,7 +64,7 @@ def sweep(pair: Path, source: Path, ref: Path, variants: list[Variant], batching
     if len(lines) != len(refs):
         raise MeasureError(f"{source} has {len(lines)} lines but {ref} has {len(refs)}")
     models = PairModels(pair, variants, device)
-    metric = metric or QUALITY[models.spec.task]
+    metric = metric or PRIMARY_METRIC[models.spec.task]
     translators = {v.name: models.translator(v) for v in variants}
     echo(f"sweep: {len(variants)} points on {len(lines)} lines, {batching.name}, {repeats} repeat(s)")
     results = measure(translators, encode(models.base, lines), batching, repeats, echo)

@@ -7,9 +7,9 @@ compared with the big model's at the same batching.
 """
 from __future__ import annotations
 
+from bild_fairseq.scoring import PRIMARY_METRIC
 from jobs.tuning.measure import engine_tag
 
-QUALITY = {"translation": "BLEU", "summarization": "ROUGE-L"}
 EXACT_VS_STOCK_B1 = 1.8
 LOSSY_VS_STOCK_B1 = 2.5
 BIG_LOOP_VS_STOCK_B1 = 1.5
@@ -47,7 +47,7 @@ def _faster(rows: dict, batching: str, variant: str, base: str, minimum: float, 
 def check(suite: dict) -> list[dict]:
     """Every target for every BiLD variant (and the big loop) of one suite's result."""
     rows = {(r["batching"], r["variant"]): r for r in suite["rows"]}
-    metric = QUALITY[suite["task"]]
+    metric = PRIMARY_METRIC[suite["task"]]
     batchings = list(dict.fromkeys(r["batching"] for r in suite["rows"]))
     peers = {v["compute_type"]: v["name"] for v in suite["variants"] if v["mode"] == "ct2"}
     out = [_faster(rows, "batch 1", "big", "stock", BIG_LOOP_VS_STOCK_B1,

@@ -58,7 +58,6 @@ class PairTranslator:
         ``small_checkpoint``/``big_checkpoint`` replace the pair's models: a file name in the
         directory, or a path elsewhere (e.g. a training checkpoint trained on the pair's dictionaries).
         ``engine``/``int8``/``onnx_cache``: the runtime of greedy decoding (bild_fairseq.engines)."""
-        from fairseq.sequence_generator import SequenceGenerator
         from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
         from bild_fairseq.generator import BildSequenceGenerator
@@ -90,14 +89,9 @@ class PairTranslator:
         if engine == "onnxruntime" and (device != "cpu" or fp16):
             raise BildOptionError(f"the onnxruntime engine runs fp32 models on the CPU (asked: {device}"
                                   f"{', fp16' if fp16 else ''}): use engine torch there")
-        runtime = {"engine": engine, "int8": int8, "onnx_cache": onnx_cache}
-        if mode == "bild":
-            generator = BildSequenceGenerator(models[:1], task.target_dictionary, small_model=models[1],
-                                              exact=exact, beam_size=1, **bild, **gen, **runtime)
-        elif beam == 1:  # the project's own greedy loop: the big-only baseline of BiLD
-            generator = BildSequenceGenerator(models, task.target_dictionary, beam_size=1, **gen, **runtime)
-        else:
-            generator = SequenceGenerator(models, task.target_dictionary, beam_size=beam, **gen)
+        big, small = (models[0] if mode != "small" else None), (models[-1] if mode != "big" else None)
+        generator = build_generator(task, mode, big, small, bild=bild, gen=gen, exact=exact, beam=beam,
+                                    engine=engine, int8=int8, onnx_cache=onnx_cache)
         settings = {"pair": str(Path(pair_dir).resolve()), "mode": mode, "models": [p.name for p in files],
                     "beam": beam, "fp16": fp16, **gen}
         if isinstance(generator, BildSequenceGenerator):  # the engine that actually runs (after fallback)
@@ -115,7 +109,6 @@ class PairTranslator:
                   progress: Callable[[int], None] | None = None) -> TranslationOutput:
         """Raw lines in, detokenized hypotheses out, line-aligned; problems reported per line."""
         pipeline = self.spec.text_pipeline()
-        src_dict = self.task.source_dictionary
         hyps = [""] * len(lines)
         issues: list[LineIssue] = []
         encoded: list[tuple[int, torch.Tensor]] = []
@@ -125,11 +118,10 @@ class PairTranslator:
                 if progress:
                     progress(1)
                 continue
-            ids = src_dict.encode_line(pipeline.encode(line), add_if_not_exist=False, append_eos=True).long()
-            if ids.numel() > self.max_source_tokens:
-                issues.append(LineIssue(i, "truncated", f"{ids.numel()} source tokens truncated to the models' "
+            ids, length = self.encode(line, pipeline)
+            if length > ids.numel():
+                issues.append(LineIssue(i, "truncated", f"{length} source tokens truncated to the models' "
                                                         f"limit of {self.max_source_tokens}"))
-                ids = torch.cat([ids[: self.max_source_tokens - 1], ids[-1:]])
             encoded.append((i, ids))
         stats_before = BildStats(**vars(self.generator.stats)) if hasattr(self.generator, "stats") else None
         for batch in length_batches(encoded, max_tokens, max_sentences):
@@ -138,6 +130,17 @@ class PairTranslator:
             if progress:
                 progress(len(batch))
         return TranslationOutput(hyps, sorted(issues, key=lambda x: x.index), self._stats_since(stats_before))
+
+    def encode(self, line: str, pipeline=None) -> tuple[torch.Tensor, int]:
+        """A raw line's source token ids (EOS included), cut to the models' limit keeping EOS, and
+        its length before the cut. ``pipeline``: the pair's text pipeline, when the caller has one."""
+        pipeline = pipeline or self.spec.text_pipeline()
+        ids = self.task.source_dictionary.encode_line(pipeline.encode(line), add_if_not_exist=False,
+                                                      append_eos=True).long()
+        length = ids.numel()
+        if length > self.max_source_tokens:
+            ids = torch.cat([ids[: self.max_source_tokens - 1], ids[-1:]])
+        return ids, length
 
     def generate_batch(self, sources: list[torch.Tensor]) -> list[dict]:
         """Decode one batch of encoded sources (dictionary ids, EOS included): the best hypothesis
@@ -157,6 +160,26 @@ class PairTranslator:
         now = BildStats(**vars(self.generator.stats))
         delta = BildStats(**{k: v - getattr(before, k) for k, v in vars(now).items()})
         return delta.to_dict()
+
+
+def build_generator(task, mode: str, big: torch.nn.Module | None, small: torch.nn.Module | None, *, bild: dict,
+                    gen: dict, exact: bool = False, beam: int = 1, engine: str = "torch", int8: bool = False,
+                    onnx_cache: str | None = None):
+    """The generator of a decoding mode, on loaded models: BiLD pairs ``big`` with ``small``;
+    "big"/"small" decode with that model alone, greedily with the project's loop (the big-only
+    baseline BiLD is measured against) or by fairseq's beam search. ``bild``: the thresholds and
+    batch policy; ``gen``: max_len_a/b. The API and the benchmarks both build generators here."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from bild_fairseq.generator import BildSequenceGenerator
+
+    tgt, runtime = task.target_dictionary, {"engine": engine, "int8": int8, "onnx_cache": onnx_cache}
+    if mode == "bild":
+        return BildSequenceGenerator([big], tgt, small_model=small, exact=exact, beam_size=1, **bild, **gen, **runtime)
+    model = big if mode == "big" else small
+    if beam == 1:
+        return BildSequenceGenerator([model], tgt, beam_size=1, **gen, **runtime)
+    return SequenceGenerator([model], tgt, beam_size=beam, **gen)
 
 
 def length_batches(items: list[tuple[int, torch.Tensor]], max_tokens: int, max_sentences: int | None):

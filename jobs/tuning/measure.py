@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from bild_fairseq.api import PairTranslator, length_batches
+from bild_fairseq.api import PairTranslator, build_generator, length_batches
 from bild_fairseq.config import BATCH_POLICY, DEFAULTS, SETTINGS, BildChoice
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.stats import BildStats
@@ -171,14 +171,12 @@ class PairModels:
         return self.base.spec
 
     def translator(self, v: Variant) -> PairTranslator:
-        """A translator decoding like ``v``, built on the shared models."""
+        """A translator decoding like ``v``, built on the shared models as the API builds its own
+        (``stock``: fairseq's SequenceGenerator, as fairseq-generate without the plugin)."""
         from fairseq.sequence_generator import SequenceGenerator
-
-        from bild_fairseq.generator import BildSequenceGenerator
 
         tgt = self.base.task.target_dictionary
         gen = {k: self.base.settings[k] for k in ("max_len_a", "max_len_b")}
-        runtime = {"engine": v.engine, "int8": v.int8}
         if v.mode == "ct2":
             from jobs.tuning.peers import CT2Generator, convert_ct2
 
@@ -188,14 +186,10 @@ class PairModels:
                                      gen["max_len_b"], self.base.device)
         elif v.mode == "stock":
             generator = SequenceGenerator([self.big], tgt, beam_size=1, **gen)
-        elif v.mode == "big":
-            generator = BildSequenceGenerator([self.big], tgt, beam_size=1, **gen, **runtime)
-        elif v.mode == "small":
-            generator = BildSequenceGenerator([self.small[v.small_checkpoint]], tgt, beam_size=1, **gen, **runtime)
         else:
-            generator = BildSequenceGenerator([self.big], tgt, small_model=self.small[v.small_checkpoint],
-                                              exact=v.exact, beam_size=1, **gen, **v.settings(self.spec.bild),
-                                              **runtime)
+            generator = build_generator(self.base.task, v.mode, self.big, self.small.get(v.small_checkpoint),
+                                        bild=v.settings(self.spec.bild), gen=gen, exact=v.exact, engine=v.engine,
+                                        int8=v.int8)
         settings = {**self.base.settings, "variant": asdict(v)}
         return replace(self.base, generator=generator, settings=settings)
 
@@ -203,16 +197,10 @@ class PairModels:
 def encode(translator: PairTranslator, lines: Sequence[str]) -> list[torch.Tensor]:
     """Source token ids of every line, as ``translate`` makes them (models' length limit included)."""
     pipeline = translator.spec.text_pipeline()
-    src_dict = translator.task.source_dictionary
-    sources = []
     for i, line in enumerate(lines):
         if not line.strip():
             raise MeasureError(f"input line {i + 1} is empty: benchmark on lines that all have text")
-        ids = src_dict.encode_line(pipeline.encode(line), add_if_not_exist=False, append_eos=True).long()
-        if ids.numel() > translator.max_source_tokens:
-            ids = torch.cat([ids[: translator.max_source_tokens - 1], ids[-1:]])
-        sources.append(ids)
-    return sources
+    return [translator.encode(line, pipeline)[0] for line in lines]
 
 
 def plan_batches(sources: Sequence[torch.Tensor], batching: Batching) -> list[list[int]]:

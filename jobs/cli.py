@@ -294,7 +294,8 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
 @click.option("--out", "-o", "destdir", required=True, type=PATH,
               help="the data directory: new, empty, or an earlier binarize output (only its files are replaced)")
 @click.option("--ref", type=EXISTING_FILE, help="references, line-aligned with INPUT (fairseq-generate then scores)")
-@click.option("--split", default="test", show_default=True, help="fairseq split name (fairseq-generate --gen-subset)")
+@click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test", show_default=True,
+              help="the split fairseq-preprocess writes (fairseq-generate --gen-subset)")
 def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, split: str) -> None:
     """Encode INPUT (plain, .gz or .xz) as the pair's models were trained (Moses tokenization and BPE
     from pair.json, no XML escaping) and binarize it with the pair's dictionaries into DATA_BIN,

@@ -13,7 +13,7 @@
 #            at batch 1, 16 and 64, with the CTranslate2 rows and the serial memory pass
 # Every log and result goes to OUTDIR; the exit status is 1 when any phase failed or overran.
 # Budget: under 9 minutes on one H100-class GPU, install included (per-phase budgets below:
-# chosen, not yet measured on a GPU). --device cpu --quick (bf16, 2 lines per pair, no memory
+# chosen, not yet measured on a GPU). --device cpu --quick (bf16, 1 line per pair, no memory
 # pass) runs end to end on a CPU in CI, so the script is not broken when a GPU finally appears;
 # --no-install skips the install where the project is installed already. PYTHON [python3].
 set -uo pipefail
@@ -42,7 +42,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever is installed
 if [ "$QUICK" = 1 ]; then
-    LIMIT=(--limit 2) MEMORY=--no-memory
+    LIMIT=(--limit 1) MEMORY=--no-memory
     BUDGET_INSTALL=300 BUDGET_ENV=60 BUDGET_TESTS=120 BUDGET_BENCH=240
 else
     LIMIT=() MEMORY=--memory  # the suites' own limits: 100 deen lines, 30 summ documents

@@ -16,6 +16,7 @@ import bild_fairseq  # noqa: F401  (installs the checkpoint allow-list and optio
 from bild_fairseq.checkpoints import load_model
 from bild_fairseq.config import DEFAULTS, BildOptionError, check_settings
 from bild_fairseq.pairdir import PairSpec
+from bild_fairseq.precision import DTYPES, check_precision
 from bild_fairseq.stats import BildStats
 
 MODES = ("bild", "big", "small")
@@ -51,12 +52,13 @@ class PairTranslator:
                       rollback_threshold: float | None = None, max_small_steps: int | None = None,
                       wait_share: float | None = None, max_wait: int | None = None,
                       verify_drafting: bool | None = None,
-                      beam: int = 1, device: str = "cpu", fp16: bool = False,
+                      beam: int = 1, device: str = "cpu", precision: str = "fp32",
                       max_len_a: float | None = None, max_len_b: int | None = None,
                       engine: str = "torch", int8: bool = False, onnx_cache: str | None = None) -> "PairTranslator":
         """Load a pair directory. ``mode`` "big"/"small" decode with one model (baselines).
         ``small_checkpoint``/``big_checkpoint`` replace the pair's models: a file name in the
         directory, or a path elsewhere (e.g. a training checkpoint trained on the pair's dictionaries).
+        ``precision``: fp32, fp16 (GPU only) or bf16, for every model loaded.
         ``engine``/``int8``/``onnx_cache``: the runtime of greedy decoding (bild_fairseq.engines)."""
         from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
@@ -64,6 +66,7 @@ class PairTranslator:
 
         if mode not in MODES:
             raise BildOptionError(f"mode must be one of {MODES}, got {mode!r}")
+        check_precision(precision, device)
         if mode == "bild" and beam != 1:
             raise BildOptionError(f"BiLD decodes greedily: beam must be 1 (got {beam})")
         spec = PairSpec.load(pair_dir)
@@ -75,8 +78,7 @@ class PairTranslator:
         models = []
         for path in files:
             model = load_model(path, task)
-            model = model.half() if fp16 else model
-            models.append(model.to(device).eval())
+            models.append(model.to(device=device, dtype=DTYPES[precision]).eval())
         given = {"fallback_threshold": fallback_threshold, "rollback_threshold": rollback_threshold,
                  "max_small_steps": max_small_steps, "wait_share": wait_share, "max_wait": max_wait,
                  "verify_drafting": verify_drafting}
@@ -86,14 +88,14 @@ class PairTranslator:
         gen.update({k: v for k, v in {"max_len_a": max_len_a, "max_len_b": max_len_b}.items() if v is not None})
         if beam != 1 and (engine != "torch" or int8):
             raise BildOptionError(f"--engine {engine}{' --int8' if int8 else ''} decodes greedily: beam must be 1")
-        if engine == "onnxruntime" and (device != "cpu" or fp16):
-            raise BildOptionError(f"the onnxruntime engine runs fp32 models on the CPU (asked: {device}"
-                                  f"{', fp16' if fp16 else ''}): use engine torch there")
+        if engine == "onnxruntime" and (device != "cpu" or precision != "fp32"):
+            raise BildOptionError(f"the onnxruntime engine runs fp32 models on the CPU (asked: {device}, "
+                                  f"{precision}): use engine torch there")
         big, small = (models[0] if mode != "small" else None), (models[-1] if mode != "big" else None)
         generator = build_generator(task, mode, big, small, bild=bild, gen=gen, exact=exact, beam=beam,
                                     engine=engine, int8=int8, onnx_cache=onnx_cache)
         settings = {"pair": str(Path(pair_dir).resolve()), "mode": mode, "models": [p.name for p in files],
-                    "beam": beam, "fp16": fp16, **gen}
+                    "beam": beam, "precision": precision, **gen}
         if isinstance(generator, BildSequenceGenerator):  # the engine that actually runs (after fallback)
             settings.update(engine=generator.big.name, precision=generator.big.precision)
         if mode == "bild":

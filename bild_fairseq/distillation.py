@@ -73,7 +73,7 @@ class DistillationCriterion(LabelSmoothedCrossEntropyCriterion):
         net_output = model(**sample["net_input"])
         lprobs, target = self.get_lprobs_and_target(model, net_output, sample)
         ce, nll = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=reduce)
-        kl = self.teacher_divergence(lprobs, target, sample)
+        kl = self.teacher_divergence(lprobs, target, sample, next(model.parameters()).dtype)
         if reduce:
             kl = kl.sum()
         loss = (1 - self.kd_weight) * ce.view(kl.shape) + self.kd_weight * kl
@@ -84,9 +84,11 @@ class DistillationCriterion(LabelSmoothedCrossEntropyCriterion):
                    "n_correct": n_correct.item(), "total": total.item()}
         return loss, sample_size, logging
 
-    def teacher_divergence(self, lprobs: torch.Tensor, target: torch.Tensor, sample) -> torch.Tensor:
-        """KL(teacher || student) per target position (zero at padding), teacher-forced like the student."""
-        teacher = self.teacher.to(lprobs.device)
+    def teacher_divergence(self, lprobs: torch.Tensor, target: torch.Tensor, sample,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """KL(teacher || student) per target position (zero at padding), teacher-forced like the
+        student, the teacher in the student's precision (fairseq-train --fp16/--bf16)."""
+        teacher = self.teacher.to(device=lprobs.device, dtype=dtype)
         with torch.no_grad():
             out = teacher(**sample["net_input"])
             t_lprobs = teacher.get_normalized_probs(out, log_probs=True)[:, self.ignore_prefix_size:]

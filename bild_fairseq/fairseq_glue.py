@@ -4,7 +4,8 @@ fairseq builds ``fairseq-generate``'s options and ``cfg.generation`` from the Ge
 dataclass, and builds the generator in ``FairseqTask.build_generator``. A ``--user-dir`` plugin
 is imported before either happens, so three small hooks make ``--bild`` work with the ordinary
 ``--task translation`` (or any task that uses FairseqTask.build_generator), a fourth mends
-an upstream bug that loses sentences, and a fifth keeps a user's mistake to one line:
+an upstream bug that loses sentences, a fifth keeps a user's mistake to one line, and a sixth
+honours ``--bf16``:
 
 1. BildConfig's fields are added to GenerationConfig (their ``help=`` becomes ``--help``), and
    hydra's config store is refreshed so ``cfg.generation.bild*`` survive namespace conversion;
@@ -22,6 +23,12 @@ an upstream bug that loses sentences, and a fifth keeps a user's mistake to one 
    :class:`UnsafeCheckpointError`, whose messages say what to do) would end under a 30-line
    traceback; uncaught, they print as ``PROG: error: MESSAGE`` (exit status 1, like argparse's
    errors). Every other exception keeps its traceback.
+6. ``BaseFairseqModel.prepare_for_inference_``, which fairseq-generate and fairseq-interactive
+   call with the whole config once a model is loaded (halved for ``--fp16``, on its device):
+   fairseq 0.12 ignores ``--bf16`` there, so the plugin converts each ``--path`` model to
+   bfloat16, with or without ``--bild`` (the small model follows the big one's dtype); and it
+   refuses ``--fp16`` on the CPU for ``--bild``/``--bild-engine`` decoding (stock decoding keeps
+   fairseq's own behaviour there).
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ _installed = False
 
 
 def install() -> None:
-    """Apply the five hooks (idempotent)."""
+    """Apply the six hooks (idempotent)."""
     global _installed
     if _installed:
         return
@@ -56,6 +63,7 @@ def install() -> None:
     _hook_checkpoint_loading()
     _hook_batch_by_size()
     _hook_excepthook()
+    _hook_prepare_for_inference()
     _installed = True
 
 
@@ -221,3 +229,22 @@ def _hook_excepthook() -> None:
         print(f"{os.path.basename(sys.argv[0]) or 'python'}: error: {error}", file=sys.stderr)
 
     sys.excepthook = excepthook
+
+
+def _hook_prepare_for_inference() -> None:
+    from fairseq.models.fairseq_model import BaseFairseqModel
+
+    from bild_fairseq.precision import check_precision
+
+    stock = BaseFairseqModel.prepare_for_inference_
+
+    def prepare_for_inference_(self, cfg) -> None:
+        common = getattr(cfg, "common", None)
+        if common is not None and getattr(common, "fp16", False):
+            if bild_options(cfg.generation) is not None:
+                check_precision("fp16", next(self.parameters()).device.type)
+        elif common is not None and getattr(common, "bf16", False):
+            self.to(torch.bfloat16)
+        stock(self, cfg)
+
+    BaseFairseqModel.prepare_for_inference_ = prepare_for_inference_

@@ -155,11 +155,12 @@ class BildSequenceGenerator(SequenceGenerator):
         "Engines"). At batch 1 a sentence that hands over is verified at once, never waits."""
         tokens, scores, from_big = [int(s.tokens[0, 0])], [0.0], [False]
         counts = dict.fromkeys(COUNTERS, 0)
-        one, max_len = torch.zeros(1, dtype=torch.long), s.max_len
+        device = s.tokens.device  # the lists live on the host; what the models read goes to their device
+        one, max_len = torch.zeros(1, dtype=torch.long, device=device), s.max_len
         limit, run, iterations, n_read = int(max_len[0]), 0, 0, 1
         while True:
             iterations += 1
-            _, best_lp, best = self.small.step(small_cache, torch.tensor([tokens[-1]]), n_read + 1, self.rules, max_len)
+            _, best_lp, best = self.small.step(small_cache, torch.tensor([tokens[-1]], device=device), n_read + 1, self.rules, max_len)
             best, best_lp = int(best[0]), float(best_lp[0])
             counts["small_steps"] += 1
             hand_over = fallback(best_lp, run, self.fallback_threshold, self.max_small_steps)
@@ -173,15 +174,15 @@ class BildSequenceGenerator(SequenceGenerator):
             # verify every token the big model has not seen in one pass (its cache is one behind)
             start = int(big_cache.length[0])
             k = len(tokens) - start
-            feed = torch.tensor([tokens[start:]])
+            feed = torch.tensor([tokens[start:]], device=device)
             if k == 1:
                 lprobs, big_best_lp, big_best = (x.unsqueeze(1) for x in self.big.step(
                     big_cache, feed[:, 0], n_read, self.rules, max_len))
             else:
-                lprobs, big_best_lp, big_best = self.big.forward(big_cache, one, feed, torch.tensor([k]), n_read, True,
-                                                                 self.rules, max_len)
-            proposals = torch.tensor([tokens[start + 1:] + [self.eos]])  # the last entry is not checked
-            checkable = torch.tensor([[j < k - 1 and start + j < limit for j in range(k)]])
+                lprobs, big_best_lp, big_best = self.big.forward(big_cache, one, feed, torch.tensor([k], device=device),
+                                                                 n_read, True, self.rules, max_len)
+            proposals = torch.tensor([tokens[start + 1:] + [self.eos]], device=device)  # the last entry: not checked
+            checkable = torch.tensor([[j < k - 1 and start + j < limit for j in range(k)]], device=device)
             cut = min(int(first_rollback(lprobs, proposals, checkable, self.rollback_threshold, self.exact)[0]), k - 1)
             accepted = lprobs[0, :cut].gather(-1, proposals[0, :cut].unsqueeze(-1)).squeeze(-1).tolist()
             scores[start + 1:start + 1 + cut] = accepted
@@ -197,12 +198,13 @@ class BildSequenceGenerator(SequenceGenerator):
             if verified_eos or big_token == self.eos:
                 break
             for cache in (big_cache, small_cache):
-                cache.truncate(one, torch.tensor([len(tokens) - 1]))
+                cache.truncate(one, torch.tensor([len(tokens) - 1], device=device))
             run = 0
         n = len(tokens)
-        s.tokens[0, :n], s.scores[0, :n], s.from_big[0, :n] = (torch.tensor(x) for x in (tokens, scores, from_big))
+        s.tokens[0, :n], s.scores[0, :n], s.from_big[0, :n] = (torch.tensor(x, device=device)
+                                                              for x in (tokens, scores, from_big))
         s.n[0], s.finished[0] = n, True
-        s.counters += torch.tensor([counts[name] for name in COUNTERS])
+        s.counters += torch.tensor([counts[name] for name in COUNTERS], device=device)
         self._retire(s, (big_cache, small_cache), hypotheses)
         return iterations
 

@@ -12,7 +12,10 @@ same order of operations) over a cache we own:
   reordering), so the common all-rows call attends over the cache in place, without a gather;
 * cross-attention keys/values are projected once per batch from the encoder output;
 * each call feeds a ragged set of rows with k_r new tokens each (padded to k), with a causal
-  mask over the new tokens and full attention to each row's cached ones.
+  mask over the new tokens and full attention to each row's cached ones;
+* masks are additive float tensors (0 or -inf, :func:`additive_mask`), built once per call:
+  the same math as a boolean mask, in the form CUDA's fused (memory-efficient) attention kernel
+  takes. ``is_causal`` does not fit: a row's queries start at its own cache length.
 
 Supported: the ``transformer`` family (pre-/post-norm, learned or sinusoidal positions,
 layernorm_embedding, scaled or unscaled embeddings, project in/out dims, tied or untied output).
@@ -105,6 +108,12 @@ def cross_attention_kv(decoder: torch.nn.Module, encoder_out: dict) -> tuple[Ten
     return torch.stack(keys), torch.stack(values), source_mask
 
 
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """``allowed`` (True: attend) as the additive mask SDPA adds to the scores: 0 where allowed,
+    -inf elsewhere, in the queries' dtype (SDPA wants a float mask of the query's dtype)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
 def _heads(x: Tensor, num_heads: int) -> Tensor:
     """(R, K, E) -> (R, H, K, Dh)"""
     r, k, e = x.shape
@@ -193,9 +202,9 @@ class IncrementalDecoder:
         cache.reserve(visible + k)  # padding entries write (unused) slots up to start + k - 1
         x = self._embed(tokens, slots, cache.capacity)
         # query j of row r sees cached slots < start[r] + j + 1
-        self_mask = (torch.arange(visible, device=x.device).view(1, 1, visible)
-                     <= slots.unsqueeze(-1)).unsqueeze(1)  # (R, 1, K, visible)
-        source_mask = _rows(cache.source_mask, rows, all_rows)[:, None, None, :]
+        self_mask = additive_mask((torch.arange(visible, device=x.device).view(1, 1, visible)
+                                   <= slots.unsqueeze(-1)).unsqueeze(1), x.dtype)  # (R, 1, K, visible)
+        source_mask = additive_mask(_rows(cache.source_mask, rows, all_rows)[:, None, None, :], x.dtype)
         row_idx = rows.unsqueeze(1).expand(r, k)
         for i, layer in enumerate(self.decoder.layers):
             def write(key: Tensor, value: Tensor, i: int = i) -> tuple[Tensor, Tensor]:
@@ -221,8 +230,9 @@ class IncrementalDecoder:
         slot = cache.length  # (B,) each sentence's new token goes to slot == its target position
         cache.reserve(visible)
         x = self._embed(tokens.unsqueeze(1), slot.unsqueeze(1), cache.capacity)
-        self_mask = (torch.arange(visible, device=x.device) <= slot.unsqueeze(1))[:, None, None, :]
-        source_mask = cache.source_mask[:, None, None, :]
+        self_mask = additive_mask((torch.arange(visible, device=x.device) <= slot.unsqueeze(1))[:, None, None, :],
+                                  x.dtype)
+        source_mask = additive_mask(cache.source_mask[:, None, None, :], x.dtype)
         batch = torch.arange(b, device=x.device)
         for i, layer in enumerate(self.decoder.layers):
             def write(key: Tensor, value: Tensor, i: int = i) -> tuple[Tensor, Tensor]:

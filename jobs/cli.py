@@ -133,14 +133,16 @@ def main() -> None:
               help="beam size (--big-only/--small-only only)")
 @click.option("--max-len-a", type=float, help="max output length a*source+b [pair.json's]")
 @click.option("--max-len-b", type=int, help="max output length a*source+b [pair.json's]")
-@click.option("--fp16", is_flag=True, help="half precision (GPU)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="both models' precision: fp16 needs a GPU, bf16 runs anywhere [fp32]")
+@click.option("--fp16", is_flag=True, help="the same as --precision fp16")
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]),
               help="runtime of greedy decoding (fairseq-generate's --bild-engine): onnxruntime runs both models "
               "as exported ONNX graphs on the CPU [pair.json's measured default, else torch]")
 @click.option("--int8/--no-int8", default=None, help="onnxruntime: 8-bit weights for both models "
               "(fairseq-generate's --bild-int8) [pair.json's measured default, else no]")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="source tokens per batch")
+@click.option("--max-tokens", type=click.IntRange(min=1),
+              help="source tokens per batch [4096 on CPUs, 16384 on GPUs: see jobs/config.py's MAX_TOKENS]")
 @click.option("--max-sentences", type=click.IntRange(min=1), help="sentences per batch [no limit]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--allow-binary", is_flag=True, help="decode INPUT even if it does not look like text (over 5% "
@@ -169,16 +171,18 @@ def main() -> None:
 def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, shards: int | None, executor: str,
         workers: int | None, mode: str, small_checkpoint: str | None, bild_exact: bool,
         fallback_threshold: float | None, rollback_threshold: float | None, max_small_steps: int | None,
-        wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool,
-        engine: str | None, int8: bool | None, max_tokens: int,
+        wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None,
+        precision: str | None, fp16: bool, engine: str | None, int8: bool | None, max_tokens: int | None,
         max_sentences: int | None, device: str, allow_binary: bool, chunk_lines: int, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
         cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], poll_interval: float | None,
         dry_run: bool) -> None:
     """Decode INPUT (plain, .gz or .xz; one sentence or document per line) into OUTPUT, line-aligned."""
+    from bild_fairseq.config import BildOptionError
     from bild_fairseq.pairdir import PairDirError
+    from bild_fairseq.precision import check_precision
     from jobs.collect import CollectError
-    from jobs.config import ConfigError, Decoding
+    from jobs.config import MAX_TOKENS, ConfigError, Decoding
     from jobs.executors.local import LocalExecutor, plan_slots
     from jobs.executors.slurm import SlurmError, SlurmExecutor, SlurmOptions
     from jobs.runner import ConfigChanged, RunFailed, RunRequest, check_request, plan_run, run_job
@@ -190,6 +194,9 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
     if executor != "slurm" and any(slurm_only.values()):
         given = ", ".join(name for name, value in slurm_only.items() if value)
         raise click.UsageError(f"{given}: Slurm options, for --executor slurm")
+    if fp16 and precision not in (None, "fp16"):
+        raise click.UsageError(f"--fp16 is --precision fp16, and --precision {precision} was given too: give one")
+    precision = "fp16" if fp16 else precision or "fp32"
     wd = WorkDir(workdir or output.with_name(output.name + ".work"))
     python = shlex.split(python_cmd)
     options = SlurmOptions(partition=partition, time=time_limit, gpus_per_task=gpus_per_task,
@@ -207,10 +214,15 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
                             fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
                             max_small_steps=max_small_steps, wait_share=wait_share, max_wait=max_wait,
                             verify_drafting=verify_drafting, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
-                            fp16=fp16, engine=engine, int8=int8)
+                            precision=precision, engine=engine, int8=int8)
         slots = plan_slots(device, workers) if executor == "local" else []
+        # the workers' device: a GPU slot (local), a GPU asked of Slurm, else the CPU
+        gpu = any(s["CUDA_VISIBLE_DEVICES"] for s in slots) if executor == "local" else \
+            device != "cpu" and gpus_per_task > 0
+        check_precision(precision, "cuda" if gpu else "cpu")
         request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,
-                             parallel=len(slots) or workers, max_tokens=max_tokens, max_sentences=max_sentences,
+                             parallel=len(slots) or workers, max_tokens=max_tokens or MAX_TOKENS["gpu" if gpu else "cpu"],
+                             max_sentences=max_sentences,
                              device=device, chunk_lines=chunk_lines, allow_binary=allow_binary)
         if dry_run:
             request, spec = check_request(request, _echo)
@@ -220,7 +232,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
             return
         result = run_job(wd, request, make_executor, retries=retries, fresh=fresh, ref=ref, echo=_echo,
                          progress=progress if progress is not None else sys.stderr.isatty())
-    except ConfigError as e:
+    except (ConfigError, BildOptionError) as e:
         raise click.UsageError(str(e)) from None
     except (PairDirError, ConfigChanged, RunFailed, WorkDirError, SlurmError, CollectError) as e:
         raise click.ClickException(str(e)) from None

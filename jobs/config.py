@@ -16,8 +16,16 @@ from bild_fairseq.api import MODES
 from bild_fairseq.config import BATCH_POLICY, SETTINGS, THRESHOLDS, BildChoice, BildOptionError, check_settings
 from bild_fairseq.engines import ENGINES
 from bild_fairseq.pairdir import PairSpec
+from bild_fairseq.precision import PRECISIONS
 from jobs.shards import plan
 from jobs.workdir import write_atomic
+
+#: --max-tokens by the workers' device. CPU: 4096, measured (BENCHMARKS.md). GPU: 16384, chosen,
+#: not yet measured on a GPU: a GPU's kernels are busy only with wide batches (at 4096 tokens a
+#: step of the shipped models is a ~150 x 256 matmul), and 4x that stays small: the shipped big
+#: model (5 decoder layers, 256 wide) caches 5 KiB per target token in fp16, 0.6 GiB for ~600
+#: sentences of 200 output tokens. A worker that runs out of memory halves it and goes on.
+MAX_TOKENS = {"cpu": 4096, "gpu": 16384}
 
 
 class ConfigError(ValueError):
@@ -33,7 +41,7 @@ class Decoding(BildChoice):
     beam: int = 1
     max_len_a: float | None = None
     max_len_b: int | None = None
-    fp16: bool = False
+    precision: str = "fp32"  # both models: fp32, fp16 (GPU) or bf16 (bild_fairseq.precision)
     engine: str | None = None  # None: the pair's measured default (pair.json's "run"), else torch
     int8: bool | None = None  # 8-bit weights (onnxruntime); None: the pair's measured default, else no
 
@@ -51,12 +59,14 @@ class Decoding(BildChoice):
                               "beam search is for the --big-only/--small-only baselines")
         if self.mode == "big" and self.small_checkpoint is not None:
             raise ConfigError("--small-checkpoint has no effect with --big-only: drop it")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.engine is not None and self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.int8 and self.engine == "torch":
             raise ConfigError("--int8 is a precision of the onnxruntime engine: give --engine onnxruntime, or drop --int8")
-        if self.engine == "onnxruntime" and (self.beam != 1 or self.fp16):
-            raise ConfigError("the onnxruntime engine decodes greedily in fp32 or 8-bit weights: drop --beam/--fp16, "
+        if self.engine == "onnxruntime" and (self.beam != 1 or self.precision != "fp32"):
+            raise ConfigError("the onnxruntime engine decodes greedily in fp32 or 8-bit weights: drop --beam/--precision, "
                               "or use --engine torch")
 
     def resolve(self, spec: PairSpec) -> "Decoding":
@@ -67,7 +77,7 @@ class Decoding(BildChoice):
         mode = self.mode or ("bild" if self.bild_given() else spec.run.get("mode", "bild"))
         engine, int8 = self.engine, self.int8
         if engine is None:
-            engine = spec.run.get("engine", "torch") if self.beam == 1 and not self.fp16 else "torch"
+            engine = spec.run.get("engine", "torch") if self.beam == 1 and self.precision == "fp32" else "torch"
         if int8 is None:
             int8 = engine == spec.run.get("engine") == "onnxruntime" and spec.run.get("precision") == "int8"
         return replace(self, mode=mode, engine=engine, int8=int8)
@@ -139,7 +149,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.decoding, dict):
-            self.decoding = Decoding(**self.decoding)
+            decoding = dict(self.decoding)
+            if "fp16" in decoding:  # a work directory from before --precision
+                decoding["precision"] = "fp16" if decoding.pop("fp16") else "fp32"
+            self.decoding = Decoding(**decoding)
         self.hash = hashlib.sha256(json.dumps(self.hashed(), sort_keys=True).encode()).hexdigest()[:16]
 
     def hashed(self) -> dict:
@@ -152,6 +165,9 @@ class RunConfig:
         if data["decoding"].get("engine") in (None, "torch") and not data["decoding"].get("int8"):
             data["decoding"].pop("engine", None)
             data["decoding"].pop("int8", None)
+        # fp32 and fp16 hash as the fp16 flag before --precision did: those work directories resume
+        precision = data["decoding"].pop("precision")
+        data["decoding"].update({"precision": precision} if precision == "bf16" else {"fp16": precision == "fp16"})
         return {key: data[key] for key in self.HASHED}
 
     def ranges(self) -> list[range]:

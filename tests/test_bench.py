@@ -3,13 +3,14 @@ filled, exact mode and the big-only loop equal to stock fairseq. Speed numbers a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from bench_fixtures import CORPORA, write_lines
 from jobs.tuning.agreement import agreement
-from jobs.tuning.bench import bench
+from jobs.tuning.bench import Suite, bench
 from jobs.tuning.benchreport import BEGIN, END, update_section
 from jobs.tuning.measure import Batching, MeasureError, PairModels, Variant, encode, measure
 from jobs_fixtures import real_lines
@@ -66,8 +67,11 @@ def test_exact_mode_and_big_loop_output_equals_stock_fairseq(run):
             assert r["same_as_stock"] == N_LINES, r
         if r["variant"].startswith("bild-exact"):  # on every engine: its own big-only greedy output
             assert r["same_as_big"] == N_LINES, r
-    ties = suite["differences_from_stock"]["big/ort"]  # ORT fp32 greedy vs stock: only near ties differ
-    assert ties["lines"] == N_LINES and ties["near_ties"] == ties["differing"]
+    ties = suite["differences"]["big/ort"]  # ORT fp32 greedy vs stock: only near ties differ
+    assert ties["reference"] == "stock" and ties["lines"] == N_LINES and ties["near_ties"] == ties["differing"]
+    # the CPU contract for the torch engine stays strict: no difference at all, not even near ties
+    assert suite["differences"]["big"]["differing"] == suite["differences"]["bild-exact"]["differing"] == 0
+    assert suite["differences"]["bild-exact/ort8"]["reference"] == "big/ort8"
     exact = next(r for r in suite["rows"] if r["variant"] == "bild-exact/ort8")
     assert exact["stats"]["small_tokens"] > 0  # the small model really contributed
 
@@ -232,3 +236,38 @@ def test_the_memory_pass_runs_one_process_at_a_time_on_a_gpu():
 
     assert memory_workers("cuda", 8) == memory_workers("cuda:1", 8) == 1
     assert memory_workers("cpu", 8) == min(8, os.cpu_count() or 1) and memory_workers("cpu", 1) == 1
+
+
+def test_every_tool_refuses_fp16_on_the_cpu_in_one_line(tmp_path):
+    """bench, sweep and distill take --precision; fp16 without a GPU is refused before any work."""
+    from jobs.tuning.distill import distill
+    from jobs.tuning.sweep import sweep_command
+
+    pair, text = Path(__file__).resolve().parent.parent / "data" / "pairs" / "deen", tmp_path / "t.txt"
+    text.write_text("eins\n")
+    suites = tmp_path / "s.json"
+    suites.write_text(json.dumps({"suites": [{"name": "a", "pair": str(pair), "source": str(text), "reference": str(text)}]}))
+    calls = {bench: [str(suites), "--device", "cpu"],
+             sweep_command: ["--pair", str(pair), "--input", str(text), "--ref", str(text), "--out", str(tmp_path / "o")],
+             distill: ["--pair", str(pair), "--train-source", str(text), "--dev-source", str(text), "--dev-ref", str(text),
+                       "--workdir", str(tmp_path / "w"), "--device", "cpu"]}
+    for command, args in calls.items():
+        out = CliRunner().invoke(command, [*args, "--precision", "fp16"])
+        assert out.exit_code == 1 and "fp16 needs a GPU (asked on cpu): on the CPU use bf16 or fp32" in out.stderr
+        assert "Traceback" not in out.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_ctranslate2_rows_follow_the_precision_and_a_missing_compute_type_is_a_note(active_pair):
+    """--precision bf16: the CTranslate2 row is ct2-bf16; where CTranslate2 lacks that compute
+    type (this CPU has no bfloat16), the row is skipped with a note naming what it has."""
+    import ctranslate2
+
+    from jobs.tuning.peers import CT2Generator, PeerUnavailable
+
+    suite = Suite("s", active_pair, active_pair, active_pair)
+    assert [v.name for v in suite.variants(precision="bf16") if v.mode == "ct2"] == ["ct2-bf16", "ct2-int8"]
+    if "bfloat16" in ctranslate2.get_supported_compute_types("cpu"):
+        pytest.skip("this CPU's CTranslate2 has bfloat16")
+    with pytest.raises(PeerUnavailable, match="CTranslate2 has no bfloat16 compute type on cpu here \\(it has "):
+        CT2Generator(active_pair, None, None, "bfloat16", 10)

@@ -247,3 +247,33 @@ def test_exact_mode_equals_stock_with_min_len_and_unk_penalty(deen_slice, tiny_p
     plain = decode_all(SequenceGenerator([big], tgt, beam_size=1, max_len_b=MAX_LEN_B), sources, 1)
     assert min(len(h) for h in stock) > 12 and min(len(h) for h in plain) <= 12  # min-len in effect
     assert sum(h.count(tgt.unk()) for h in stock) > sum(h.count(tgt.unk()) for h in plain)  # unkpen in effect
+
+
+class _DeviceStrictTorch:
+    """torch, except that its tensor factories must be told the device: what decodes on a GPU
+    cannot make a tensor on the CPU by default (issue 28), checked without a GPU."""
+
+    FACTORIES = ("tensor", "zeros", "ones", "full", "arange", "empty")
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name not in self.FACTORIES:
+            return value
+
+        def factory(*args, **kwargs):
+            assert "device" in kwargs, f"torch.{name} without a device in the decoding loop"
+            return value(*args, **kwargs)
+        return factory
+
+
+def test_the_decoding_loop_makes_its_tensors_on_the_models_device(tiny_pair, monkeypatch):
+    """The one-sentence BiLD loop, the batched one and the greedy loop name the device of every
+    tensor they make (they once made CPU tensors at batch 1, which a CUDA model refuses)."""
+    import bild_fairseq.generator as generator
+
+    big, small = load(tiny_pair)
+    sources = encode(big, raw_lines("lohelp.de-en.test.de.xz", 3))
+    loops = [bild(big, small, exact=True), bild(big, small, fallback_threshold=0.05), big.generator]
+    want = [decode_all(g, sources, b) for g in loops for b in (1, 3)]
+    monkeypatch.setattr(generator, "torch", _DeviceStrictTorch())
+    assert [decode_all(g, sources, b) for g in loops for b in (1, 3)] == want

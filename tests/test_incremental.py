@@ -107,6 +107,28 @@ def test_one_token_step_equals_forward_on_ragged_rows(model_and_batch):
     assert cache.length.tolist() == [9, 6, 7]
 
 
+def test_additive_masks_give_the_boolean_masks_results_bit_for_bit(model_and_batch, monkeypatch):
+    """The float masks (the form CUDA's fused attention takes) are the same math as the boolean
+    masks they replaced: a ragged k-token pass and one-token steps, equal bit for bit on CPU."""
+    import bild_fairseq.incremental as incremental
+
+    model, enc, prev, _ = model_and_batch
+
+    def decode():
+        dec = IncrementalDecoder(model.decoder)
+        with torch.no_grad():
+            cache = dec.start(enc, 2)
+            first = dec.forward(cache, torch.arange(3), prev[:, :5], torch.tensor([5, 2, 3]))
+            return [first] + [dec.step(cache, prev[torch.arange(3), cache.length], int(cache.length.max()) + 1)
+                              for _ in range(3)]
+
+    additive = decode()
+    assert incremental.additive_mask(torch.tensor([True, False]), torch.float32).tolist() == [0.0, float("-inf")]
+    monkeypatch.setattr(incremental, "additive_mask", lambda allowed, dtype: allowed)
+    boolean = decode()
+    assert all(torch.equal(a, b) for a, b in zip(additive, boolean))
+
+
 def test_unsupported_decoder_is_refused_by_name(tiny_pair):
     model = _load(tiny_pair, "big.pt")
     model.decoder.cross_self_attention = True

@@ -370,3 +370,34 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_precision_reaches_both_models_and_the_manifest_and_fp16_on_cpu_is_refused(tiny_pair, tmp_path):
+    """--precision bf16: the workers decode in bf16 (what they record having used) and the
+    manifest says so; fp16 on the CPU, as --precision or as the older --fp16, is one line."""
+    src = tmp_path / "in.de"
+    src.write_bytes(b"".join(line + b"\n" for line in real_lines(CORPUS, 12)))
+    args = ["run", str(src), "--pair", str(tiny_pair), "-o", str(tmp_path / "out.en"), "--workers", "1",
+            "--device", "cpu", "--bild-exact"]
+    for fp16 in (["--precision", "fp16"], ["--fp16"]):
+        refused = CliRunner().invoke(main, [*args, *fp16])
+        assert refused.exit_code == 2 and "fp16 needs a GPU (asked on cpu): on the CPU use bf16 or fp32" in refused.output
+    assert not (tmp_path / "out.en.work").exists()
+    done = bild_jobs(*args, "--precision", "bf16")
+    assert done.returncode == 0, done.stderr
+    m = json.loads((tmp_path / "out.en.work" / "manifest.json").read_text())
+    assert m["decoding"]["requested"]["precision"] == "bf16"
+    assert [(u["precision"], u["engine"], u["mode"]) for u in m["decoding"]["used"]] == [("bf16", "torch", "bild")]
+    assert len(read_output(tmp_path / "out.en")) == 12
+
+
+def test_max_tokens_defaults_by_the_workers_device(tiny_pair, tmp_path):
+    """4096 source tokens per batch on CPU workers, 16384 where the workers get a GPU; given, as given."""
+    src = tmp_path / "in.de"
+    src.write_bytes(b"".join(line + b"\n" for line in real_lines(CORPUS, 3)))
+    for extra, want in (([], 4096), (["--gpus-per-task", "1"], 16384), (["--gpus-per-task", "1", "--max-tokens", "999"], 999)):
+        wd = tmp_path / f"w{want}"
+        result = CliRunner().invoke(main, ["run", str(src), "--pair", str(tiny_pair), "-o", str(tmp_path / "o.en"),
+                                           "--workdir", str(wd), "--executor", "slurm", "--dry-run", *extra])
+        assert result.exit_code == 0, result.output
+        assert json.loads((wd / "config.json").read_text())["max_tokens"] == want

@@ -360,15 +360,39 @@ def test_the_engine_is_the_given_one_else_the_pairs_measured_default_where_it_fi
     assert _config(decoding=Decoding(mode="big", engine="onnxruntime", int8=True)).hash != torch_fp32.hash
 
 
+def test_precision_is_hashed_and_work_directories_from_before_it_resume(tmp_path):
+    """fp32 and fp16 hash as the former fp16 flag did, and a config.json that still has that
+    flag loads with the same hash; bf16 is another configuration."""
+    import json
+    from dataclasses import asdict
+
+    fp16 = _config(decoding=Decoding(precision="fp16"))
+    hashes = {p: _config(decoding=Decoding(precision=p)).hash for p in ("fp32", "fp16", "bf16")}
+    assert len(set(hashes.values())) == 3
+    for precision, flag in (("fp32", False), ("fp16", True)):
+        old = {**asdict(_config(decoding=Decoding(precision=precision))), "hash": ""}
+        old["decoding"] = {**{k: v for k, v in old["decoding"].items() if k != "precision"}, "fp16": flag}
+        (tmp_path / "config.json").write_text(json.dumps(old))
+        loaded = RunConfig.load(tmp_path / "config.json")
+        assert loaded.decoding.precision == precision and loaded.hash == hashes[precision]
+    assert fp16.hashed()["decoding"]["fp16"] is True
+    with pytest.raises(ConfigError, match="--precision must be one of fp32, fp16, bf16, got 'fp64'"):
+        Decoding(precision="fp64")
+    with pytest.raises(ConfigError, match="drop --beam/--precision"):
+        Decoding(engine="onnxruntime", precision="bf16")
+
+
 def test_local_slots_one_per_visible_gpu_or_cpu_workers_with_a_share_of_cores(monkeypatch):
     from jobs.executors.local import plan_slots
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
-    assert plan_slots("auto", None) == [{"CUDA_VISIBLE_DEVICES": "2"}, {"CUDA_VISIBLE_DEVICES": "5"}]
-    assert [s["CUDA_VISIBLE_DEVICES"] for s in plan_slots("cuda", 3)] == ["2", "5", "2"]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cpu = plan_slots("cpu", 3)
     cores = len(os.sched_getaffinity(0))
+    half = str(max(1, cores // 2))  # GPU workers get a share of the cores too, not torch's all-cores default
+    assert plan_slots("auto", None) == [{"CUDA_VISIBLE_DEVICES": g, "OMP_NUM_THREADS": half, "MKL_NUM_THREADS": half}
+                                        for g in ("2", "5")]
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in plan_slots("cuda", 3)] == ["2", "5", "2"]
+    cpu = plan_slots("cpu", 3)
     assert cpu == [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, cores // 3)),
                     "MKL_NUM_THREADS": str(max(1, cores // 3))}] * 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -242,3 +242,37 @@ def test_bild_jobs_binarize_never_deletes_a_directory_it_did_not_make(tiny_pair,
         assert f"--out {out} is" in refused.output and "give a new or empty directory" in refused.output
     assert src.read_text(encoding="utf-8") == "Klicken Sie auf OK.\n"
     assert (tmp_path / "src-copy").read_text() == "a file"
+
+
+def _generate_in_process(argv: list[str]) -> None:
+    """fairseq-generate's own main, in this process (what the binary runs after parsing)."""
+    from fairseq import options
+    from fairseq_cli.generate import main
+
+    main(options.parse_args_and_arch(options.get_generation_parser(), argv))
+
+
+def test_generate_bf16_decodes_both_models_in_bf16_and_fp16_on_cpu_is_refused(small_test_sets, tiny_pair, monkeypatch,
+                                                                              capsys):
+    """fairseq 0.12's generate ignores --bf16: the plugin converts, and BiLD's loop then computes
+    both models' hidden states in bfloat16 (recorded where each decoder's layers end)."""
+    from bild_fairseq.config import BildOptionError
+    from bild_fairseq.incremental import IncrementalDecoder
+
+    seen: dict[int, set] = {}
+    output = IncrementalDecoder._output
+
+    def spy(self, x):
+        seen.setdefault(id(self.decoder), set()).add(x.dtype)
+        return output(self, x)
+
+    monkeypatch.setattr(IncrementalDecoder, "_output", spy)
+    monkeypatch.setattr("atexit.register", lambda *_: None)  # no end-of-run statistics after the test
+    argv = [str(small_test_sets[13]), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
+            "--gen-subset", "test", "--max-len-b", "10", "--beam", "1", "--batch-size", "4", "--cpu",
+            "--bild", "--bild-small-path", str(tiny_pair / "small.pt")]
+    _generate_in_process(argv + ["--bf16"])
+    assert len(hypotheses(capsys.readouterr().out)) == 13
+    assert list(seen.values()) == [{torch.bfloat16}, {torch.bfloat16}]  # big and small, every call
+    with pytest.raises(BildOptionError, match="fp16 needs a GPU"):
+        _generate_in_process(argv + ["--fp16"])

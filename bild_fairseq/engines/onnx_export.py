@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bild_fairseq.incremental import IncrementalDecoder, cross_attention_kv
+from bild_fairseq.incremental import IncrementalDecoder, additive_mask, cross_attention_kv
 from bild_fairseq.rules import constrain
 
 logger = logging.getLogger("bild_fairseq")
@@ -99,9 +98,9 @@ class DecoderGraph(torch.nn.Module):
         x = self.incremental._embed(tokens, slots, self.positions)
         # query j of row r sees slots <= start[r] + j: its cached past and the new tokens up to j;
         # masks made additive once here, not converted in every layer's attention
-        self_mask = _additive((torch.arange(capacity, device=tokens.device).view(1, 1, capacity)
-                               <= slots.unsqueeze(-1)).unsqueeze(1))  # (R, 1, K, T)
-        source_mask = _additive(source_mask[:, None, None, :])
+        self_mask = additive_mask((torch.arange(capacity, device=tokens.device).view(1, 1, capacity)
+                                   <= slots.unsqueeze(-1)).unsqueeze(1), torch.float32)  # (R, 1, K, T)
+        source_mask = additive_mask(source_mask[:, None, None, :], torch.float32)
         index = slots.view(r, 1, k, 1).expand(r, heads, k, head_dim)
         new_k, new_v = [], []
         for i, layer in enumerate(self.decoder.layers):
@@ -114,11 +113,6 @@ class DecoderGraph(torch.nn.Module):
                            max_len.unsqueeze(1))
         best_lp, best = lprobs.max(dim=-1)
         return lprobs, best_lp, best, torch.stack(new_k), torch.stack(new_v)
-
-
-def _additive(mask: Tensor) -> Tensor:
-    """A boolean attention mask as SDPA's equivalent additive one (0 where True, -inf where False)."""
-    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, -math.inf)
 
 
 def graphs(model: torch.nn.Module, int8: bool, cache_dir: str | Path | None = None) -> tuple[Path, float | None]:

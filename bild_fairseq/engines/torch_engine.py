@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from bild_fairseq.incremental import DecoderCache, IncrementalDecoder
+from bild_fairseq.precision import precision_of
 from bild_fairseq.rules import Scores, SearchRules
 
 
@@ -16,8 +17,7 @@ class TorchEngine:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.decoder = IncrementalDecoder(model.decoder)
-        dtype = next(model.parameters()).dtype
-        self.precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+        self.precision = precision_of(model)
 
     def start(self, src_tokens: Tensor, src_lengths: Tensor, capacity: int = 32) -> DecoderCache:
         encoder_out = self.model.encoder.forward_torchscript({"src_tokens": src_tokens, "src_lengths": src_lengths})

@@ -28,21 +28,22 @@ def visible_gpus() -> list[str]:
 
 def plan_slots(device: str, workers: int | None) -> list[dict[str, str]]:
     """The environment of each worker slot: a GPU each (round robin when ``workers`` exceeds the
-    GPUs), or, on CPU, hidden GPUs and a fair share of this machine's cores as threads (or the
-    driver's own ``OMP_NUM_THREADS``: cores busy with other work are not a fair share)."""
+    GPUs), or, on CPU, hidden GPUs. Either way a fair share of this machine's cores as threads (or
+    the driver's own ``OMP_NUM_THREADS``: cores busy with other work are not a fair share): a GPU
+    worker's CPU threads tokenize and launch kernels, and torch's default of one thread per core
+    in every worker would oversubscribe the cores N times over."""
     gpus = visible_gpus() if device != "cpu" else []
     if device == "cuda" and not gpus:
         raise ConfigError("--device cuda, but no GPU is visible here (CUDA_VISIBLE_DEVICES / torch): "
                           "use --device cpu, or run on a GPU machine")
-    if gpus:
-        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(workers or len(gpus))]
     cores = len(os.sched_getaffinity(0))
-    workers = workers or max(1, cores // THREADS_PER_CPU_WORKER)
+    workers = workers or len(gpus) or max(1, cores // THREADS_PER_CPU_WORKER)
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // workers))
     if not threads.isdigit() or int(threads) < 1:
         raise ConfigError(f"OMP_NUM_THREADS={threads!r} is not a positive integer: unset it or set it to the "
-                          "number of decoding threads each CPU worker should use")
-    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * workers
+                          "number of decoding threads each worker should use")
+    return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)] if gpus else "", "OMP_NUM_THREADS": threads,
+             "MKL_NUM_THREADS": threads} for i in range(workers)]
 
 
 @dataclass

@@ -14,7 +14,11 @@ interleaved batch by batch (see jobs.tuning.measure), at every batching:
     bild-default BiLD at pair.json's thresholds
     bild-tuned   BiLD at the suite's thresholds from a sweep (when given)
     ct2-fp32     peer: CTranslate2 greedy on the big model (its own converter), float32 weights
+                 (ct2-fp16, ct2-bf16 under --precision fp16, bf16)
     ct2-int8     the same with int8 weights (both skipped, with a note, without ctranslate2)
+
+--precision fp16 (GPU only) or bf16 puts both models of every variant in that precision; the
+ONNX Runtime rows, fp32 on the CPU, are then skipped with a note.
 
 plus the small/bild variants of any other small checkpoint the suite lists (`@name`).
 Writes bench.json and bench.md to --out; --update-markdown rewrites BENCHMARKS.md's results.
@@ -35,15 +39,15 @@ import click
 
 from bild_fairseq.config import SETTINGS, THRESHOLDS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
+from bild_fairseq.precision import PRECISIONS, check_precision
 from bild_fairseq.scoring import score_task
 from jobs.shards import read_lines
 from jobs.tuning.agreement import agreement
 from jobs.tuning.costs import loop_split, pass_costs
-from jobs.tuning.ties import first_divergence_gaps
-from jobs.tuning.ties import summary as tie_summary
+from jobs.tuning.ties import near_ties
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Result, Variant, bild_rates,
                                  detokenize, encode, engine_tag, measure, plan_batches)
-from jobs.tuning.peers import PeerUnavailable, ct2_missing
+from jobs.tuning.peers import CT2_TYPES, PeerUnavailable, ct2_missing
 from jobs.workdir import sha256_file
 
 DEFAULT_BATCHINGS = ("1", "16", "tokens:4096")
@@ -93,13 +97,15 @@ class Suite:
     limit: int | None = None  # first N test lines (a slow pair can be given fewer)
     per_sentence: bool = False  # also the per-sentence batch policy's rows (SmallModel.variants)
 
-    def variants(self, peers: bool = True, engines: tuple[tuple[str, bool], ...] = (("torch", False),)) -> list[Variant]:
-        """stock, then per engine (torch first) the big-only loop and the BiLD variants, then the peers."""
+    def variants(self, peers: bool = True, engines: tuple[tuple[str, bool], ...] = (("torch", False),),
+                 precision: str = "fp32") -> list[Variant]:
+        """stock, then per engine (torch first) the big-only loop and the BiLD variants, then the
+        peers (CTranslate2 in ``precision`` and in int8)."""
         own = [Variant("stock", "stock")]
         for engine, int8 in dict.fromkeys((("torch", False), *engines)):
             own += [Variant("big" + engine_tag(engine, int8), "big", engine=engine, int8=int8),
                     *(v for s in self.small for v in s.variants(self.per_sentence, engine, int8))]
-        return own + ([Variant("ct2-fp32", "ct2", compute_type="float32"),
+        return own + ([Variant(f"ct2-{precision}", "ct2", compute_type=CT2_TYPES[precision]),
                        Variant("ct2-int8", "ct2", compute_type="int8")] if peers else [])
 
 
@@ -150,18 +156,20 @@ def _row(v: Variant, batching: Batching, r: Result, results: dict[str, Result], 
 
 
 def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int | None, device: str,
-              threads: int | None, memory: bool, echo, engines: tuple[tuple[str, bool], ...] = DEFAULT_ENGINES) -> dict:
-    """Measure every variant of ``suite`` at every batching; the suite's JSON result."""
+              threads: int | None, memory: bool, echo, engines: tuple[tuple[str, bool], ...] = DEFAULT_ENGINES,
+              precision: str = "fp32") -> dict:
+    """Measure every variant of ``suite`` at every batching, both models in ``precision``; the
+    suite's JSON result."""
     limit = limit or suite.limit
     lines, refs = read_lines(suite.source, limit), read_lines(suite.reference, limit)
     if len(lines) != len(refs):
         raise MeasureError(f"{suite.source} has {len(lines)} lines but {suite.reference} has {len(refs)}")
     notes = [f"CTranslate2 rows skipped: {why}"] if (why := ct2_missing()) else []
-    if any(e == "onnxruntime" for e, _ in engines) and (why_not := ort_missing(device)):
+    if any(e == "onnxruntime" for e, _ in engines) and (why_not := ort_missing(device, precision)):
         notes.append(f"ONNX Runtime rows skipped: {why_not}")
         engines = tuple((e, i) for e, i in engines if e != "onnxruntime")
-    variants = suite.variants(peers=why is None, engines=engines)
-    models = PairModels(suite.pair, variants, device)
+    variants = suite.variants(peers=why is None, engines=engines, precision=precision)
+    models = PairModels(suite.pair, variants, device, precision)
     translators = {}
     for v in variants:
         try:
@@ -185,12 +193,10 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
             scores = score_task(models.spec.task, detokenize(models.base, results[v.name].tokens), refs)
             signatures.update({s.name: s.signature for s in scores})
             rows.append(_row(v, batching, results[v.name], results, {s.name: s.value for s in scores}))
-    ties = {}
-    for v in variants:  # the ORT fp32 greedy loop against stock fairseq: differences only at near ties?
-        if v.mode == "big" and v.engine != "torch" and not v.int8 and "stock" in first:
-            gaps = first_divergence_gaps(models.big, sources, first[v.name].tokens, first["stock"].tokens,
-                                         models.base.task.target_dictionary.eos())
-            ties[v.name] = tie_summary(gaps, len(sources))
+    eos = models.base.task.target_dictionary.eos()
+    differences = {name: {"reference": ref, **near_ties(models.big, sources, first[name].tokens, first[ref].tokens,
+                                                        eos, precision)}
+                   for name, ref in compared(variants) if ref in first}
     loop = {}
     if any(b.max_sentences == 1 for b in batchings):  # bookkeeping per loop iteration at batch 1, untimed pass
         echo(f"[{suite.name}] loop accounting at batch 1")
@@ -204,7 +210,7 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
                                                                  first["big"].tokens, tgt.pad(), tgt.eos())
                   for s in suite.small}
     if memory:
-        _add_peak_memory(suite, variants, lines, batchings, device, threads, rows, echo)
+        _add_peak_memory(suite, variants, lines, batchings, device, threads, rows, echo, precision)
     files = [models.spec.big, *(s.checkpoint or models.spec.small for s in suite.small)]
     return {"name": suite.name, "pair": str(suite.pair), "task": models.spec.task, "source": str(suite.source),
             "model_sha256": {f: sha256_file(models.spec.model_path(f))[:16] for f in files},
@@ -213,15 +219,24 @@ def run_suite(suite: Suite, batchings: list[Batching], repeats: int, limit: int 
                           "generate_flags": v.generate_flags(models.spec.bild)} for v in variants],
             "signatures": signatures, "agreement": agreements, "notes": notes, "rows": rows,
             "loop_batch1": loop, "call_costs_ms": costs, "call_costs_source_tokens": longest.numel(),
-            "differences_from_stock": ties}
+            "differences": differences}
 
 
-def ort_missing(device: str) -> str | None:
+def compared(variants: list[Variant]) -> list[tuple[str, str]]:
+    """(variant, reference) pairs whose outputs must agree but for near ties (ties.MARGIN): each
+    fp32-weight big-only loop against stock fairseq, each exact mode against its engine's big-only
+    loop. On the CPU in fp32 the torch rows are identical (the tests assert it); on a GPU or in
+    fp16/bf16 kernels and rounding may flip near ties, which the report counts."""
+    return [(v.name, "stock") for v in variants if v.mode == "big" and not v.int8] + \
+        [(v.name, "big" + v.engine_tag) for v in variants if v.mode == "bild" and v.exact]
+
+
+def ort_missing(device: str, precision: str = "fp32") -> str | None:
     """Why the ONNX Runtime rows cannot run here (None: they can)."""
     from bild_fairseq.engines import onnxruntime_available
 
-    if device != "cpu":
-        return f"the onnxruntime engine runs on the CPU, not {device}"
+    if device != "cpu" or precision != "fp32":
+        return f"the onnxruntime engine runs fp32 models on the CPU, not {precision} on {device}"
     return None if onnxruntime_available() else "onnxruntime is not installed"
 
 
@@ -238,7 +253,7 @@ def export_notes(translators) -> list[str]:
 
 
 def _add_peak_memory(suite: Suite, variants: list[Variant], lines: list[str], batchings: list[Batching],
-                     device: str, threads: int | None, rows: list[dict], echo) -> None:
+                     device: str, threads: int | None, rows: list[dict], echo, precision: str) -> None:
     """Peak RSS (and on a GPU the CUDA peak) per variant and batching, each variant in a fresh
     process, after all timing; see :func:`memory_workers` for how many at once."""
     from jobs.tuning.peakmem import peak_memory
@@ -248,7 +263,8 @@ def _add_peak_memory(suite: Suite, variants: list[Variant], lines: list[str], ba
     with tempfile.TemporaryDirectory(prefix="bild-bench-") as scratch, \
             ThreadPoolExecutor(max_workers=memory_workers(device, len(variants))) as pool:
         peaks = dict(zip((v.name for v in variants), pool.map(
-            lambda v: peak_memory(suite.pair, asdict(v), lines, plan, device, threads, Path(scratch) / v.name),
+            lambda v: peak_memory(suite.pair, asdict(v), lines, plan, device, threads, Path(scratch) / v.name,
+                                  precision),
             variants)))
     for row in rows:
         row["memory"] = peaks[row["variant"]][row["batching"]]
@@ -280,17 +296,19 @@ def machine() -> dict:
 
 def run_benchmark(suites: list[Suite], batchings: list[Batching], repeats: int, limit: int | None, device: str,
                   threads: int | None, memory: bool, command: str, echo,
-                  engines: tuple[tuple[str, bool], ...] = DEFAULT_ENGINES) -> dict:
+                  engines: tuple[tuple[str, bool], ...] = DEFAULT_ENGINES, precision: str = "fp32") -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     started = time.time()
     info = machine()
-    results = [run_suite(s, batchings, repeats, limit, device, threads, memory, echo, engines) for s in suites]
+    results = [run_suite(s, batchings, repeats, limit, device, threads, memory, echo, engines, precision)
+               for s in suites]
     info["load_average_end"] = list(os.getloadavg())
     return {"format": 1, "command": command, "wall_seconds": time.time() - started,
             "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "device": device,
+            "precision": precision,
             "repeats": repeats, "limit": limit, "batchings": [b.name for b in batchings], "machine": info,
             "suites": results}
 
@@ -324,17 +342,20 @@ def command_line(ctx: click.Context) -> str:
               help="peak RSS per variant, each in a fresh process, after the timing (one more pass each)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--threads", type=click.IntRange(min=1), help="torch threads [torch's default, OMP_NUM_THREADS]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="both models of every variant (fp16: GPU only)")
 @click.option("--engine", "engine_names", multiple=True, type=click.Choice(list(ENGINE_CHOICES)),
               default=tuple(ENGINE_CHOICES), show_default=True,
               help="engines of the big-only and BiLD rows (torch always; repeatable)")
 @click.option("--update-markdown", type=click.Path(dir_okay=False, path_type=Path),
               help="also rewrite the generated section of this file (e.g. BENCHMARKS.md)")
 def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tuple[str, ...], repeats: int,
-          limit: int | None, memory: bool, device: str, threads: int | None, engine_names: tuple[str, ...],
-          update_markdown: Path | None) -> None:
+          limit: int | None, memory: bool, device: str, threads: int | None, precision: str,
+          engine_names: tuple[str, ...], update_markdown: Path | None) -> None:
     from jobs.tuning.benchreport import render, update_section
 
     try:
+        check_precision(precision, device)
         suites = load_suites(suites_file)
         unknown = set(only) - {s.name for s in suites}
         if unknown:
@@ -343,7 +364,8 @@ def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tupl
         batchings = [Batching.parse(b) for b in batch_texts]
         command = command_line(click.get_current_context())
         result = run_benchmark(suites, batchings, repeats, limit, device, threads, memory, command,
-                               lambda m: click.echo(m, err=True), tuple(ENGINE_CHOICES[n] for n in engine_names))
+                               lambda m: click.echo(m, err=True), tuple(ENGINE_CHOICES[n] for n in engine_names),
+                               precision)
     except (MeasureError, PairDirError, BildOptionError) as e:
         raise click.ClickException(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)

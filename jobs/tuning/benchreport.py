@@ -28,7 +28,8 @@ def _run_description(result: dict) -> list[str]:
     load = f"{m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end"
     return [
         f"- command: `{result['command']}`",
-        f"- started {result['started']}, {result['wall_seconds'] / 60:.1f} min in all; device `{result['device']}`; "
+        f"- started {result['started']}, {result['wall_seconds'] / 60:.1f} min in all; device `{result['device']}`, "
+        f"{result.get('precision', 'fp32')}; "
         f"time = median of {result['repeats']} interleaved repeat(s) (min–max in brackets)",
         f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch threads {m['torch_threads']}"
         + (f", GPU {m['gpu']}" if "gpu" in m else "")
@@ -66,10 +67,10 @@ def _costs_tables(suite: dict) -> list[str]:
                     "tokens after a 20-token prefix; `forward k`: a k-token pass, BiLD's verification):", ""]
         out += _table(["engine, model", *labels], [[name, *(f"{row[k]:.3f}" for k in labels)]
                                                   for name, row in suite["call_costs_ms"].items()])
-    for name, t in suite.get("differences_from_stock", {}).items():
-        out += ["", f"`{name}` vs `stock` (first batching): {t['lines'] - t['differing']}/{t['lines']} lines identical; "
-                    f"of the {t['differing']} that differ, {t['near_ties']} start at a near tie (the big model's two "
-                    f"best log-probabilities within 1e-4)"
+    for name, t in suite.get("differences", {}).items():
+        out += ["", f"`{name}` vs `{t['reference']}` (first batching): {t['lines'] - t['differing']}/{t['lines']} lines "
+                    f"identical; of the {t['differing']} that differ, {t['near_ties']} start at a near tie (the big "
+                    f"model's two best log-probabilities within {t['margin']:g})"
                     + (f"; largest gap {t['largest_gap']:.2g}" if t["largest_gap"] is not None else "") + "."]
     if suite.get("loop_batch1"):
         out += ["", "Batch 1, one untimed-by-the-table pass: the loop's own bookkeeping between model calls "

@@ -34,12 +34,20 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "non
 
 
 def pass_costs(models: PairModels, source: torch.Tensor, engines=tuple(ENGINES), rows: int = 1,
-               repeats: int = 200) -> dict[str, dict]:
-    """Milliseconds per call, per engine label and model: ``step`` and k-token ``forward`` passes."""
+               repeats: int = 200, budget_s: float = 0.25) -> dict[str, dict]:
+    """Milliseconds per call, per engine label and model: ``step`` and k-token ``forward`` passes,
+    on the models' device (a GPU synchronized before the clock is read). Each call is repeated
+    ``repeats`` times, or fewer (at least 10) once ``budget_s`` is spent: slow calls (bf16 on a
+    CPU without bf16 units) would otherwise take minutes."""
     tgt = models.base.task.target_dictionary
     rules = SearchRules(len(tgt), tgt.pad(), tgt.unk(), tgt.eos())
-    src, lengths = source[None].expand(rows, -1).contiguous(), torch.tensor([source.numel()] * rows)
-    index, max_len, repeats = torch.arange(rows), torch.full((rows,), 1000), max(10, repeats // rows)
+    device = next(models.big.parameters()).device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    src = source[None].expand(rows, -1).contiguous().to(device)
+    lengths = torch.tensor([source.numel()] * rows, device=device)
+    index, max_len = torch.arange(rows, device=device), torch.full((rows,), 1000, device=device)
+    repeats = max(10, repeats // rows)
+    tokens = lambda k: torch.full((rows, k), 5, device=device)  # noqa: E731
     out = {}
     for engine, int8 in engines:
         for name, model in (("big", models.big), ("small", next(iter(models.small.values())))):
@@ -47,20 +55,23 @@ def pass_costs(models: PairModels, source: torch.Tensor, engines=tuple(ENGINES),
             row = out.setdefault(f"{ENGINES[engine, int8]} {name}", {})
             with torch.no_grad():
                 cache = runtime.start(src, lengths, 64)
-                runtime.forward(cache, index, torch.full((rows, 20), 5), torch.full((rows,), 20), 20, True, rules,
+                runtime.forward(cache, index, tokens(20), torch.full((rows,), 20, device=device), 20, True, rules,
                                 max_len)
                 calls = {f"forward k={k}": (lambda k=k: runtime.forward(
-                    cache, index, torch.full((rows, k), 5), torch.full((rows,), k), 20 + k, True, rules, max_len))
+                    cache, index, tokens(k), torch.full((rows,), k, device=device), 20 + k, True, rules, max_len))
                     for k in KS}
-                calls["step"] = lambda: runtime.step(cache, torch.full((rows,), 5), 21, rules, max_len)
+                calls["step"] = lambda: runtime.step(cache, tokens(1)[:, 0], 21, rules, max_len)
                 for label, call in calls.items():
                     call()  # warm
                     cache.length[:] = 20
-                    t0 = time.perf_counter()
-                    for _ in range(repeats):
+                    sync()
+                    t0, done = time.perf_counter(), 0
+                    while done < repeats and (done < 10 or time.perf_counter() - t0 < budget_s):
                         call()
                         cache.length[:] = 20
-                    row[label] = (time.perf_counter() - t0) / repeats * 1e3
+                        done += 1
+                    sync()
+                    row[label] = (time.perf_counter() - t0) / done * 1e3
     return out
 
 
@@ -74,6 +85,10 @@ class LoopTimer:
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
         self.reads = 0
         self._patched: list[tuple[object, str, object]] = []
+        # on a GPU a call returns once its kernels are queued: synchronize around each timed call,
+        # so "model" is the kernels' time and "bookkeeping" the loop's own (kernels included)
+        device = next(generator.model.models[0].parameters()).device
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def __enter__(self) -> "LoopTimer":
         self._iterations = self.generator.stats.iterations
@@ -91,10 +106,12 @@ class LoopTimer:
 
     def _timed(self, label: str, original):
         def timed(*args, **kwargs):
+            self._sync()
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                self._sync()
                 self.seconds[label] += time.perf_counter() - t0
                 self.calls[label] += 1
         return timed

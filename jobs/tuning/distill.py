@@ -43,6 +43,7 @@ import bild_fairseq
 from bild_fairseq.checkpoints import CheckpointError, export_for_inference, last_interval_checkpoints, model_settings
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
+from bild_fairseq.precision import FAIRSEQ_FLAGS, PRECISIONS, check_precision
 from bild_fairseq.scoring import PRIMARY_METRIC
 from jobs.binarize import BinarizeError, binarize
 from jobs.commands import CommandFailed, run_logged
@@ -70,7 +71,7 @@ class DistillError(RuntimeError):
 
 
 def teacher_outputs(spec: PairSpec, source: Path, limit: int | None, workdir: Path, workers: int | None,
-                    device: str, name: str) -> tuple[Path, Path]:
+                    device: str, name: str, precision: str = "fp32") -> tuple[Path, Path]:
     """Step 1: the big model's greedy outputs for ``source`` (or its first ``limit`` lines), via
     the batch runner, as WORKDIR/NAME.out; returns the source file it decoded and the output file."""
     if limit is not None:
@@ -79,7 +80,7 @@ def teacher_outputs(spec: PairSpec, source: Path, limit: int | None, workdir: Pa
         source = head
     output = workdir / f"{name}.out"
     wd, slots = WorkDir(workdir / f"{name}.work"), plan_slots(device, workers)
-    request = RunRequest(input=source, pair_dir=spec.directory, output=output, decoding=Decoding(mode="big"),
+    request = RunRequest(input=source, pair_dir=spec.directory, output=output, decoding=Decoding(mode="big", precision=precision),
                          parallel=len(slots), device=device)
     run_job(wd, request, lambda cfg: (LocalExecutor(wd, [sys.executable], slots), {"name": "local",
                                                                                   "workers": len(slots)}),
@@ -222,6 +223,8 @@ def comparison(suite: dict, unaligned: SmallModel, aligned: SmallModel, default_
 @click.option("--limit", type=click.IntRange(min=1), help="distil on the first N training lines [all]")
 @click.option("--workers", type=click.IntRange(min=1), help="step 1: worker processes [the runner's default]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="every step: the teacher's decoding, fairseq-train's --fp16/--bf16, the comparison (fp16: GPU only)")
 @click.option("--max-update", type=click.IntRange(min=1), default=2000, show_default=True,
               help="step 2: fine-tuning updates")
 @click.option("--hours", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
@@ -253,7 +256,7 @@ def comparison(suite: dict, unaligned: SmallModel, aligned: SmallModel, default_
 @click.option("--install", is_flag=True, help="copy the aligned model into the pair directory (an older file of "
               "that name is kept as NAME.replaced-TIME.pt)")
 def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
-            workers: int | None, device: str, max_update: int, hours: float, lr: float, warmup_updates: int,
+            workers: int | None, device: str, precision: str, max_update: int, hours: float, lr: float, warmup_updates: int,
             max_tokens: int, dropout: float | None, average: int, kd_weight: float, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
             student_layers: str | None, start: str | None, name: str, replace: bool, install: bool) -> None:
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
@@ -261,14 +264,15 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         spec = PairSpec.load(pair_dir)
         if start is not None and student_layers is not None:
             raise click.UsageError("--from and --student-layers both choose the model to fine-tune: give one")
+        check_precision(precision, resolve_device(device))
         start = start or spec.small
         check_names(spec, start, name, replace)
         batchings = [Batching.parse(b) for b in batch_texts]
         workdir.mkdir(parents=True, exist_ok=True)
         small = student(spec, student_layers, workdir, start)  # before step 1: a wrong layer list fails at once
         echo(f"1/3 the big model decodes {train_source}" + (f" (first {limit} lines)" if limit else ""))
-        source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device, "teacher")
-        _, dev_teacher = teacher_outputs(spec, dev_source, None, workdir, workers, device, "dev-teacher")
+        source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device, "teacher", precision)
+        _, dev_teacher = teacher_outputs(spec, dev_source, None, workdir, workers, device, "dev-teacher", precision)
         echo("2/3 fine-tuning the small model on the big model's outputs")
         bin_dir = distillation_data(spec, (read_lines(source), read_lines(teacher)),
                                     (read_lines(dev_source), read_lines(dev_teacher)), workdir)
@@ -276,20 +280,22 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
                    "--max-update", str(max_update), "--stop-time-hours", str(hours),
                    "--save-interval-updates", str(max(1, min(500, max_update))),
                    "--keep-interval-updates", str(average),
-                   *(["--dropout", str(dropout)] if dropout is not None else []), *criterion_flags(spec, kd_weight)]
+                   *(["--dropout", str(dropout)] if dropout is not None else []), *criterion_flags(spec, kd_weight),
+                   *FAIRSEQ_FLAGS[precision]]
         best = finetune(spec, small, bin_dir, workdir, options, threads)
         aligned = export_for_inference(last_interval_checkpoints(best.parent, average), workdir / name)
         echo(f"3/3 comparing {name} with {start} on {dev_source}")
         models = (SmallModel(None if start == spec.small else start), SmallModel(name))
         suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref, models)
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo,
-                           engines=(("torch", False),))
+                           engines=(("torch", False),), precision=precision)
     except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
             WorkDirError, CollectError, CommandFailed, BinarizeError, ShrinkError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     report = "\n".join(["## Aligned small model", "", *comparison(result, *models, spec.small), "",
                         *render_suite(result)])
-    (workdir / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (workdir / "report.json").write_text(json.dumps({**result, "precision": precision}, indent=1) + "\n",
+                                         encoding="utf-8")
     (workdir / "report.md").write_text(report, encoding="utf-8")
     click.echo(report)
     if install:

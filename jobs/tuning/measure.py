@@ -151,10 +151,10 @@ class Batching:
 class PairModels:
     """A pair directory's models, loaded once, and a translator per variant that shares them."""
 
-    def __init__(self, pair_dir: str | Path, variants: Sequence[Variant], device: str = "cpu"):
+    def __init__(self, pair_dir: str | Path, variants: Sequence[Variant], device: str = "cpu", precision: str = "fp32"):
         smalls = list(dict.fromkeys(v.small_checkpoint for v in variants if v.uses_small))
         first = "big" if any(v.uses_big for v in variants) else "small"
-        self.base = PairTranslator.from_pair_dir(pair_dir, mode=first, device=device,
+        self.base = PairTranslator.from_pair_dir(pair_dir, mode=first, device=device, precision=precision,
                                                  small_checkpoint=smalls[0] if first == "small" else None)
         self.big = self.base.generator.model.single_model if first == "big" else None
         self.small: dict[str | None, torch.nn.Module] = {}
@@ -162,7 +162,8 @@ class PairModels:
         self.conversion_seconds = 0.0  # what converting it took (0 when cached or none)
         for name in smalls:
             loaded = self.base if first == "small" and name == smalls[0] else \
-                PairTranslator.from_pair_dir(pair_dir, mode="small", small_checkpoint=name, device=device)
+                PairTranslator.from_pair_dir(pair_dir, mode="small", small_checkpoint=name, device=device,
+                                             precision=precision)
             self.small[name] = loaded.generator.model.single_model
             self.base = replace(self.base, max_source_tokens=min(self.base.max_source_tokens, loaded.max_source_tokens))
 

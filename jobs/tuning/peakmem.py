@@ -37,7 +37,8 @@ def measure_process(request: dict) -> dict:
     if request.get("threads"):
         torch.set_num_threads(request["threads"])
     variant = Variant(**request["variant"])
-    translator = PairModels(request["pair"], [variant], request["device"]).translator(variant)
+    translator = PairModels(request["pair"], [variant], request["device"],
+                            request["precision"]).translator(variant)
     sources = encode(translator, request["lines"])
     cuda = request["device"].startswith("cuda")
     loaded = _status_kib("VmRSS")
@@ -56,10 +57,10 @@ def measure_process(request: dict) -> dict:
 
 
 def peak_memory(pair: str | Path, variant: dict, lines: list[str], batchings: list[tuple[int | None, int]],
-                device: str, threads: int | None, scratch: Path) -> dict:
+                device: str, threads: int | None, scratch: Path, precision: str = "fp32") -> dict:
     """Run :func:`measure_process` in a subprocess; raise with its stderr if it fails."""
     request = {"pair": str(pair), "variant": variant, "lines": lines, "batchings": batchings,
-               "device": device, "threads": threads}
+               "device": device, "threads": threads, "precision": precision}
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "request.json"
     path.write_text(json.dumps(request), encoding="utf-8")

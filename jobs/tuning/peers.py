@@ -1,7 +1,8 @@
 """Peer engines in the benchmark: what a user would run instead of BiLD.
 
 CTranslate2 (``pip install -e ".[peers]"``) decodes the pair's big model greedily after its own
-``FairseqConverter`` has converted it; ``float32`` and ``int8`` weights. The peer is wrapped as a
+``FairseqConverter`` has converted it; weights in the run's precision (``float32``, ``float16``,
+``bfloat16``) or ``int8``. The peer is wrapped as a
 fairseq-style generator (``generate(models, sample)``), so it gets the same collated batches and
 the same timer as every other variant in ``jobs.tuning.measure``; token ids go in and come out, nothing
 is re-tokenized. The converted model is cached by the checkpoint's checksum, so conversion is
@@ -17,7 +18,9 @@ import torch
 
 from bild_fairseq.pairdir import PairSpec
 
-COMPUTE_TYPES = ("float32", "int8")
+#: CTranslate2's compute type for each of the project's precisions
+CT2_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+COMPUTE_TYPES = (*CT2_TYPES.values(), "int8")
 
 
 class PeerUnavailable(RuntimeError):
@@ -71,7 +74,11 @@ class CT2Generator:
 
         if compute_type not in COMPUTE_TYPES:
             raise PeerUnavailable(f"compute type must be one of {COMPUTE_TYPES}, got {compute_type!r}")
-        self.translator = ctranslate2.Translator(str(model_dir), **ct2_device(device), compute_type=compute_type,
+        where = ct2_device(device)
+        if compute_type not in (supported := ctranslate2.get_supported_compute_types(**where)):
+            raise PeerUnavailable(f"CTranslate2 has no {compute_type} compute type on {device} here "
+                                  f"(it has {', '.join(sorted(supported))})")
+        self.translator = ctranslate2.Translator(str(model_dir), **where, compute_type=compute_type,
                                                  inter_threads=1, intra_threads=torch.get_num_threads())
         self.src_dict, self.tgt_dict, self.max_len_b = src_dict, tgt_dict, max_len_b
         self.model = self  # generate_batch passes generator.model.models back in

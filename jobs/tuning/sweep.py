@@ -21,6 +21,7 @@ import click
 
 from bild_fairseq.config import DEFAULTS, SETTINGS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
+from bild_fairseq.precision import FAIRSEQ_FLAGS, PRECISIONS, check_precision
 from bild_fairseq.scoring import PRIMARY_METRIC, score_task
 from jobs.shards import read_lines
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Variant, bild_rates, detokenize,
@@ -58,12 +59,12 @@ def _kind(v: Variant) -> str:
 
 
 def sweep(pair: Path, source: Path, ref: Path, variants: list[Variant], batching: Batching, repeats: int,
-          limit: int | None, metric: str | None, device: str, echo) -> dict:
+          limit: int | None, metric: str | None, device: str, echo, precision: str = "fp32") -> dict:
     """Measure every variant; the points with their speed, quality and BiLD counters."""
     lines, refs = read_lines(source, limit), read_lines(ref, limit)
     if len(lines) != len(refs):
         raise MeasureError(f"{source} has {len(lines)} lines but {ref} has {len(refs)}")
-    models = PairModels(pair, variants, device)
+    models = PairModels(pair, variants, device, precision)
     metric = metric or PRIMARY_METRIC[models.spec.task]
     translators = {v.name: models.translator(v) for v in variants}
     echo(f"sweep: {len(variants)} points on {len(lines)} lines, {batching.name}, {repeats} repeat(s)")
@@ -85,6 +86,7 @@ def sweep(pair: Path, source: Path, ref: Path, variants: list[Variant], batching
     small = next(v.small_checkpoint for v in variants if v.mode == "small") or models.spec.small
     return {"pair": str(pair), "task": models.spec.task, "source": str(source), "reference": str(ref),
             "lines": len(lines), "batching": batching.name, "repeats": repeats, "metric": metric,
+            "device": device, "precision": precision,
             "models": {"big": str(models.spec.model_path("big")), "small": str(models.spec.model_path(small))},
             "points": rows}
 
@@ -101,11 +103,14 @@ def decide(result: dict, max_drop: float) -> dict:
     big, small = result["models"]["big"], result["models"]["small"]
     models = {"big": ["--path", big], "small": ["--path", small]}.get(
         chosen["kind"], ["--user-dir", "bild_fairseq", "--path", big, "--bild-small-path", small])
+    precision = result["precision"]  # the precision the points were measured in
+    run_precision = "" if precision == "fp32" else f" --precision {precision}"
     return {"point": chosen["name"], "kind": chosen["kind"], "speedup": chosen["speedup"],
             "quality": chosen["quality"], "big_quality": big_quality, "metric": result["metric"],
             "max_quality_drop": max_drop,
-            "run_command": f"bild-jobs run INPUT --pair {result['pair']} -o OUTPUT {chosen['run_flags']}",
-            "generate_command": shlex.join(["fairseq-generate", "DATA", *models, *chosen["generate_flags"].split()]),
+            "run_command": f"bild-jobs run INPUT --pair {result['pair']} -o OUTPUT {chosen['run_flags']}{run_precision}",
+            "generate_command": shlex.join(["fairseq-generate", "DATA", *models, *chosen["generate_flags"].split(),
+                                            *FAIRSEQ_FLAGS[precision]]),
             # paste into a benchmark suite's "tuned" (bild-jobs bench)
             "tuned": {t: chosen[t] for t in SETTINGS} if chosen["kind"] == "bild" else None}
 
@@ -162,20 +167,23 @@ def _bad(message: str):
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="use the first N dev lines [all]")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="both models (fp16: GPU only; the onnxruntime engine: fp32)")
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="runtime of the big-only and BiLD points (bild-jobs run's --engine)")
 @click.option("--int8", is_flag=True, help="onnxruntime: 8-bit weights (bild-jobs run's --int8)")
 def sweep_command(pair_dir: Path, source: Path, ref: Path, out: Path, fallback: str, rollback: str, steps: str,
                   shares: str, max_waits: str, verify: str, max_quality_drop: float, metric: str | None, small_checkpoint: str | None, batch_text: str,
-                  repeats: int, limit: int | None, device: str, engine: str, int8: bool) -> None:
+                  repeats: int, limit: int | None, device: str, precision: str, engine: str, int8: bool) -> None:
     try:
+        check_precision(precision, device)
         step_values = [int(s) for s in _floats(steps)]
         verify_values = [{"no": False, "yes": True}[v.strip()] if v.strip() in ("no", "yes") else
                          _bad(f"--verify-drafting: expected no, yes or no,yes, got {verify!r}") for v in verify.split(",")]
         variants = grid(_floats(fallback), _floats(rollback), step_values, small_checkpoint, _floats(shares),
                         [int(m) for m in _floats(max_waits)], verify_values, engine, int8)
         result = sweep(pair_dir, source, ref, variants, Batching.parse(batch_text), repeats, limit, metric, device,
-                       lambda m: click.echo(m, err=True))
+                       lambda m: click.echo(m, err=True), precision)
     except (MeasureError, PairDirError, BildOptionError) as e:
         raise click.ClickException(str(e)) from None
     result["recommendation"] = rec = decide(result, max_quality_drop)

@@ -106,10 +106,11 @@ def pair_fingerprint(spec: PairSpec, decoding: Decoding, digest: Callable[[Path]
     the pair.json settings its output depends on: not the run's default mode and its reasons, nor
     the BiLD batch policy, and the BiLD thresholds only when decoding with BiLD (re-tuning BiLD
     leaves a big-only run resumable). The model file names count through their digests."""
-    names = [f"dict.{spec.source_lang}.txt", f"dict.{spec.target_lang}.txt", *decoding.model_files(spec)]
-    if spec.bpe is not None and spec.bpe_codes:
-        names.append(spec.bpe_codes)
-    settings = {k: v for k, v in asdict(spec).items() if k not in ("directory", "big", "small", "bild", "run")}
+    names = [f"dict.{spec.source_lang}.txt", f"dict.{spec.target_lang}.txt", *decoding.model_files(spec),
+             *spec.text_files()]
+    # an empty "text" (the legacy keys declare the pipeline) leaves earlier work directories' digest as it was
+    settings = {k: v for k, v in asdict(spec).items()
+                if k not in ("directory", "big", "small", "bild", "run") and not (k == "text" and not v)}
     if decoding.resolve(spec).mode == "bild":
         settings["bild"] = {k: v for k, v in spec.bild.items() if k not in BATCH_POLICY}
     text = json.dumps(settings, sort_keys=True, default=str).encode()

@@ -44,18 +44,18 @@ def test_summarization_split_is_by_contiguous_blocks():
 
 
 def test_bpe_and_tokenization_round_trip(deen_slice):
-    pipe = TextPipeline("de", "en", deen_slice / "bpe.codes")
+    pipe = TextPipeline.moses("de", "en", deen_slice / "bpe.codes")
     lines = corpus_lines("lohelp.de-en.valid.en.xz")
     for line in lines:
-        tokenized = pipe.tokenize(line, target=True)
-        bpe = pipe.apply_bpe(tokenized)
-        assert pipe.decode(bpe) == pipe._detok.detokenize(tokenized.split())  # BPE removal is exact
+        tokenized = pipe.target.tokenize(line)
+        bpe = pipe.target.apply_bpe(tokenized)
+        assert pipe.decode(bpe) == pipe.target._detok.detokenize(tokenized.split())  # BPE removal is exact
     exact = sum(pipe.decode(pipe.encode(line, target=True)) == line.strip() for line in lines)
     assert exact / len(lines) > 0.9  # Moses detokenization inverts tokenization on most real text (94.5% here)
 
 
 def test_source_truncation_is_applied_before_bpe():
-    pipe = TextPipeline("en", "en", None, max_source_tokens=5)
+    pipe = TextPipeline.moses("en", "en", None, max_source_tokens=5)
     assert pipe.encode("one two three four five six seven") == "one two three four five"
     assert pipe.encode("a b", target=True) == "a b"
 

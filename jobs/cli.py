@@ -5,6 +5,7 @@
   bild-jobs status WORKDIR
   bild-jobs collect WORKDIR [--output OUT] [--ref REF]
   bild-jobs binarize INPUT --pair DIR --out DATA_BIN [--ref REF]   (for fairseq-generate)
+  bild-jobs plugin-dir   (for fairseq-generate --user-dir $(bild-jobs plugin-dir) --bild ...)
   bild-jobs bench | sweep | distill ...   (evaluation and tuning)
 
 Each command's --help lists its options.
@@ -298,7 +299,7 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
 def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, split: str) -> None:
     """Encode INPUT (plain, .gz or .xz) as the pair's models were trained (Moses tokenization and BPE
     from pair.json, no XML escaping) and binarize it with the pair's dictionaries into DATA_BIN,
-    for `fairseq-generate DATA_BIN --user-dir bild_fairseq --bild ...`. Every line is kept."""
+    for `fairseq-generate DATA_BIN --user-dir $(bild-jobs plugin-dir) --bild ...`. Every line is kept."""
     import tempfile
 
     from bild_fairseq.pairdir import PairDirError, PairSpec
@@ -318,9 +319,22 @@ def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, 
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(_os_error(e)) from None
+    from jobs.plugin import plugin_dir
+
     small = spec.directory / spec.small
+    remove = "sentencepiece" if spec.sides()["target"]["tokenizer"] == "sentencepiece" else "subword_nmt"
     click.echo(f"wrote {destdir}: {len(sources)} lines ({split} split); decode it with\n"
-               f"  fairseq-generate {destdir} --user-dir bild_fairseq --path {spec.directory / spec.big} "
-               f"--bild --bild-small-path {small} --gen-subset {split} --beam 1 --remove-bpe"
+               f"  fairseq-generate {destdir} --user-dir {plugin_dir()} --path {spec.directory / spec.big} "
+               f"--bild --bild-small-path {small} --gen-subset {split} --beam 1 --remove-bpe {remove}"
                + ("" if spec.task != "translation" else f" --source-lang {spec.source_lang} --target-lang "
                   f"{spec.target_lang}"))
+
+
+@main.command(name="plugin-dir", short_help="Print the plugin's directory, for fairseq's --user-dir.")
+def plugin_dir_command() -> None:
+    """Print the absolute path of the bild_fairseq plugin: fairseq resolves --user-dir against the
+    current directory, so `fairseq-generate ... --user-dir $(bild-jobs plugin-dir) --bild` works
+    from any directory."""
+    from jobs.plugin import plugin_dir
+
+    click.echo(plugin_dir())

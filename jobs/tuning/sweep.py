@@ -22,6 +22,7 @@ import click
 from bild_fairseq.config import DEFAULTS, SETTINGS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.scoring import score_task
+from jobs.plugin import plugin_dir
 from jobs.shards import read_lines
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Variant, bild_rates, detokenize,
                                  encode, measure)
@@ -101,7 +102,7 @@ def decide(result: dict, max_drop: float) -> dict:
     chosen = next(p for p in result["points"] if p["name"] == best.name)
     big, small = result["models"]["big"], result["models"]["small"]
     models = {"big": ["--path", big], "small": ["--path", small]}.get(
-        chosen["kind"], ["--user-dir", "bild_fairseq", "--path", big, "--bild-small-path", small])
+        chosen["kind"], ["--user-dir", plugin_dir(), "--path", big, "--bild-small-path", small])
     return {"point": chosen["name"], "kind": chosen["kind"], "speedup": chosen["speedup"],
             "quality": chosen["quality"], "big_quality": big_quality, "metric": result["metric"],
             "max_quality_drop": max_drop,

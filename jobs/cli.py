@@ -134,6 +134,8 @@ def main() -> None:
               help="beam size (--big-only/--small-only only)")
 @click.option("--max-len-a", type=float, help="max output length a*source+b [pair.json's]")
 @click.option("--max-len-b", type=int, help="max output length a*source+b [pair.json's]")
+@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), help="never repeat an n-gram of this size "
+              "(fairseq's option; for models that loop on unfamiliar text) [pair.json's, else 0: off]")
 @click.option("--fp16", is_flag=True, help="half precision (GPU)")
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]),
               help="runtime of greedy decoding (fairseq-generate's --bild-engine): onnxruntime runs both models "
@@ -170,7 +172,8 @@ def main() -> None:
 def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, shards: int | None, executor: str,
         workers: int | None, mode: str, small_checkpoint: str | None, bild_exact: bool,
         fallback_threshold: float | None, rollback_threshold: float | None, max_small_steps: int | None,
-        wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None, fp16: bool,
+        wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None,
+        no_repeat_ngram_size: int | None, fp16: bool,
         engine: str | None, int8: bool | None, max_tokens: int,
         max_sentences: int | None, device: str, allow_binary: bool, chunk_lines: int, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
@@ -208,6 +211,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
                             fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
                             max_small_steps=max_small_steps, wait_share=wait_share, max_wait=max_wait,
                             verify_drafting=verify_drafting, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
+                            no_repeat_ngram_size=no_repeat_ngram_size,
                             fp16=fp16, engine=engine, int8=int8)
         slots = plan_slots(device, workers) if executor == "local" else []
         request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,

@@ -34,6 +34,7 @@ class Decoding(BildChoice):
     beam: int = 1
     max_len_a: float | None = None
     max_len_b: int | None = None
+    no_repeat_ngram_size: int | None = None
     fp16: bool = False
     engine: str | None = None  # None: the pair's measured default (pair.json's "run"), else torch
     int8: bool | None = None  # 8-bit weights (onnxruntime); None: the pair's measured default, else no

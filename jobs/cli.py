@@ -6,6 +6,7 @@
   bild-jobs collect WORKDIR [--output OUT] [--ref REF]
   bild-jobs binarize INPUT --pair DIR --out DATA_BIN [--ref REF]   (for fairseq-generate)
   bild-jobs plugin-dir   (for fairseq-generate --user-dir $(bild-jobs plugin-dir) --bild ...)
+  bild-jobs pair init OUT --big BIG.pt --small SMALL.pt --dicts DIR ...   (your own models)
   bild-jobs bench | sweep | distill ...   (evaluation and tuning)
 
 Each command's --help lists its options.
@@ -70,6 +71,8 @@ TOOLS = {
               "Sweep BiLD thresholds on a dev set; recommend the fastest within a quality budget."),
     "distill": ("jobs.tuning.distill:distill",
                 "Align the small model with the big one by sequence-level distillation."),
+    "pair": ("jobs.tuning.pairinit:pair",
+             "pair init: a pair directory from your own checkpoints, checked and tuned on a dev set."),
 }
 
 

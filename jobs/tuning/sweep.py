@@ -129,7 +129,7 @@ def write(result: dict, out: Path) -> None:
          out / "sweep.png")
 
 
-def _floats(text: str) -> list[float]:
+def parse_floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -171,11 +171,11 @@ def sweep_command(pair_dir: Path, source: Path, ref: Path, out: Path, fallback: 
                   shares: str, max_waits: str, verify: str, max_quality_drop: float, metric: str | None, small_checkpoint: str | None, batch_text: str,
                   repeats: int, limit: int | None, device: str, engine: str, int8: bool) -> None:
     try:
-        step_values = [int(s) for s in _floats(steps)]
+        step_values = [int(s) for s in parse_floats(steps)]
         verify_values = [{"no": False, "yes": True}[v.strip()] if v.strip() in ("no", "yes") else
                          _bad(f"--verify-drafting: expected no, yes or no,yes, got {verify!r}") for v in verify.split(",")]
-        variants = grid(_floats(fallback), _floats(rollback), step_values, small_checkpoint, _floats(shares),
-                        [int(m) for m in _floats(max_waits)], verify_values, engine, int8)
+        variants = grid(parse_floats(fallback), parse_floats(rollback), step_values, small_checkpoint, parse_floats(shares),
+                        [int(m) for m in parse_floats(max_waits)], verify_values, engine, int8)
         result = sweep(pair_dir, source, ref, variants, Batching.parse(batch_text), repeats, limit, metric, device,
                        lambda m: click.echo(m, err=True))
     except (MeasureError, PairDirError, BildOptionError) as e:

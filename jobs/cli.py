@@ -304,8 +304,8 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
 @click.option("--ref", type=EXISTING_FILE, help="references, line-aligned with INPUT (fairseq-generate then scores)")
 @click.option("--split", default="test", show_default=True, help="fairseq split name (fairseq-generate --gen-subset)")
 def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, split: str) -> None:
-    """Encode INPUT (plain, .gz or .xz) as the pair's models were trained (Moses tokenization and BPE
-    from pair.json, no XML escaping) and binarize it with the pair's dictionaries into DATA_BIN,
+    """Encode INPUT (plain, .gz or .xz) as the pair's models were trained (pair.json's text pipeline:
+    Moses without XML escaping and BPE, SentencePiece, or pre-split) and binarize it with the pair's dictionaries into DATA_BIN,
     for `fairseq-generate DATA_BIN --user-dir $(bild-jobs plugin-dir) --bild ...`. Every line is kept."""
     import tempfile
 
@@ -326,13 +326,18 @@ def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, 
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(_os_error(e)) from None
+    from bild_fairseq.config import DEFAULTS, THRESHOLDS
     from jobs.plugin import plugin_dir
 
-    small = spec.directory / spec.small
+    # what `bild-jobs run --bild` decodes with: the pair's thresholds and generation settings
+    settings = {**{f"bild_{k}": v for k, v in {**DEFAULTS, **spec.bild}.items() if k in THRESHOLDS},
+                "max_len_a": 0, "max_len_b": 200, **spec.generation}
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
     remove = "sentencepiece" if spec.sides()["target"]["tokenizer"] == "sentencepiece" else "subword_nmt"
     click.echo(f"wrote {destdir}: {len(sources)} lines ({split} split); decode it with\n"
                f"  fairseq-generate {destdir} --user-dir {plugin_dir()} --path {spec.directory / spec.big} "
-               f"--bild --bild-small-path {small} --gen-subset {split} --beam 1 --remove-bpe {remove}"
+               f"--bild --bild-small-path {spec.directory / spec.small} {flags} --gen-subset {split} --beam 1 "
+               f"--remove-bpe {remove}"
                + ("" if spec.task != "translation" else f" --source-lang {spec.source_lang} --target-lang "
                   f"{spec.target_lang}"))
 

@@ -1,5 +1,4 @@
 """Data preparation, text round trips and scoring helpers on the real shipped corpora."""
-import lzma
 import shutil
 import subprocess
 
@@ -10,12 +9,7 @@ from bild_fairseq.scoring import bleu, chrf, rouge, score_task
 from bild_fairseq.text import TextPipeline
 from data.distill_sources import held_out_clean
 from data.evaluate import evaluate, markdown
-from tiny import ROOT
-
-
-def corpus_lines(name, n=200):
-    with lzma.open(ROOT / "data" / "corpora" / name, "rt", encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(n)]
+from tiny import ROOT, corpus_lines
 
 
 def test_prepare_slice_binarizes_with_one_joined_dictionary(deen_slice):

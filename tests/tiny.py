@@ -84,7 +84,7 @@ def make_tiny_pair(prepared: Path, out: Path, task: str = "translation", seed: i
     return out
 
 
-def corpus_lines(name: str, n: int) -> list[str]:
+def corpus_lines(name: str, n: int = 200) -> list[str]:
     """The first ``n`` lines of a shipped corpus file (data/corpora/NAME)."""
     from jobs.shards import read_lines
 

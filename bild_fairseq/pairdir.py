@@ -121,7 +121,7 @@ class PairSpec:
                     for side, lang in (("source", self.moses_source_lang), ("target", self.moses_target_lang))}
         path = self.directory / "pair.json"
         for side in ("source", "target"):
-            form = self.text.get(side)
+            form = self.text.get(side) if isinstance(self.text, dict) else None
             if not isinstance(form, dict) or form.get("tokenizer") not in TEXT_FORMS:
                 raise PairDirError(f"{path}: text.{side} must be an object with \"tokenizer\": one of "
                                    f"{', '.join(TEXT_FORMS)} (got {form!r})")

@@ -19,6 +19,8 @@ setup(
         "ve-fairseq==0.12.3; python_version >= '3.11'",
         "sacremoses>=0.1",
         "subword-nmt>=0.3.8",
+        # pairs whose models were trained on SentencePiece pieces (pair.json "text")
+        "sentencepiece>=0.2",
         "sacrebleu>=2.4,<3",
         "rouge-score>=0.1.2",
         "click>=8.1",

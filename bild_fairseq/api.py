@@ -54,12 +54,14 @@ class PairTranslator:
                       verify_drafting: bool | None = None,
                       beam: int = 1, device: str = "cpu", precision: str = "fp32",
                       max_len_a: float | None = None, max_len_b: int | None = None,
+                      no_repeat_ngram_size: int | None = None,
                       engine: str = "torch", int8: bool = False, onnx_cache: str | None = None) -> "PairTranslator":
         """Load a pair directory. ``mode`` "big"/"small" decode with one model (baselines).
         ``small_checkpoint``/``big_checkpoint`` replace the pair's models: a file name in the
         directory, or a path elsewhere (e.g. a training checkpoint trained on the pair's dictionaries).
         ``precision``: fp32, fp16 (GPU only) or bf16, for every model loaded.
-        ``engine``/``int8``/``onnx_cache``: the runtime of greedy decoding (bild_fairseq.engines)."""
+        ``engine``/``int8``/``onnx_cache``: the runtime of greedy decoding (bild_fairseq.engines).
+        ``no_repeat_ngram_size``: fairseq's option, for models that loop [pair.json's "generation", else 0]."""
         from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
         from bild_fairseq.generator import BildSequenceGenerator
@@ -86,6 +88,9 @@ class PairTranslator:
         check_settings(bild)
         gen = {"max_len_a": spec.generation.get("max_len_a", 0), "max_len_b": spec.generation.get("max_len_b", 200)}
         gen.update({k: v for k, v in {"max_len_a": max_len_a, "max_len_b": max_len_b}.items() if v is not None})
+        ngram = spec.generation.get("no_repeat_ngram_size", 0) if no_repeat_ngram_size is None else no_repeat_ngram_size
+        if ngram:  # fairseq's --no-repeat-ngram-size (0, the default, is left out of the settings)
+            gen["no_repeat_ngram_size"] = ngram
         if beam != 1 and (engine != "torch" or int8):
             raise BildOptionError(f"--engine {engine}{' --int8' if int8 else ''} decodes greedily: beam must be 1")
         if engine == "onnxruntime" and (device != "cpu" or precision != "fp32"):

@@ -3,9 +3,9 @@
 fairseq builds ``fairseq-generate``'s options and ``cfg.generation`` from the GenerationConfig
 dataclass, and builds the generator in ``FairseqTask.build_generator``. A ``--user-dir`` plugin
 is imported before either happens, so three small hooks make ``--bild`` work with the ordinary
-``--task translation`` (or any task that uses FairseqTask.build_generator), a fourth mends
-an upstream bug that loses sentences, a fifth keeps a user's mistake to one line, and a sixth
-honours ``--bf16``:
+``--task translation`` (or any task that uses FairseqTask.build_generator), a fourth and a
+seventh mend upstream bugs (lost sentences; ``--no-repeat-ngram-size`` ignored on the CPU), a
+fifth keeps a user's mistake to one line, and a sixth honours ``--bf16``:
 
 1. BildConfig's fields are added to GenerationConfig (their ``help=`` becomes ``--help``), and
    hydra's config store is refreshed so ``cfg.generation.bild*`` survive namespace conversion;
@@ -29,6 +29,11 @@ honours ``--bf16``:
    bfloat16, with or without ``--bild`` (the small model follows the big one's dtype); and it
    refuses ``--fp16`` on the CPU for ``--bild``/``--bild-engine`` decoding (stock decoding keeps
    fairseq's own behaviour there).
+7. ``NGramRepeatBlock._no_repeat_ngram`` (``--no-repeat-ngram-size`` without fairseq's CUDA
+   extension) is given the generated prefix: SequenceGenerator passes its whole padded token
+   buffer, so the CPU path compared padding with the prefix's n-grams and banned nothing
+   (fairseq issue #4709), and a looping model kept looping. With the plugin loaded stock decoding
+   bans what the option promises, as BiLD does (:mod:`bild_fairseq.ngrams`).
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ _installed = False
 
 
 def install() -> None:
-    """Apply the six hooks (idempotent)."""
+    """Apply the seven hooks (idempotent)."""
     global _installed
     if _installed:
         return
@@ -64,6 +69,7 @@ def install() -> None:
     _hook_batch_by_size()
     _hook_excepthook()
     _hook_prepare_for_inference()
+    _hook_ngram_blocking()
     _installed = True
 
 
@@ -106,7 +112,6 @@ def check_search_options(args) -> None:
         "diverse_beam_groups": (lambda v: v is not None and v > 0, "--diverse-beam-groups is not supported"),
         "diversity_rate": (lambda v: v is not None and v > -1, "--diversity-rate is not supported"),
         "match_source_len": (bool, "--match-source-len is not supported"),
-        "no_repeat_ngram_size": (bool, "--no-repeat-ngram-size is not supported"),
         "constraints": (bool, "--constraints is not supported"),
         "prefix_size": (bool, "--prefix-size is not supported"),
         "print_alignment": (bool, "--print-alignment is not supported"),
@@ -248,3 +253,14 @@ def _hook_prepare_for_inference() -> None:
         stock(self, cfg)
 
     BaseFairseqModel.prepare_for_inference_ = prepare_for_inference_
+
+
+def _hook_ngram_blocking() -> None:
+    from fairseq.ngram_repeat_block import NGramRepeatBlock
+
+    stock = NGramRepeatBlock._no_repeat_ngram
+
+    def _no_repeat_ngram(self, tokens, lprobs, bsz: int, beam_size: int, step: int):
+        return stock(self, tokens[:, : step + 1], lprobs, bsz, beam_size, step)
+
+    NGramRepeatBlock._no_repeat_ngram = _no_repeat_ngram

@@ -44,8 +44,9 @@ from fairseq.sequence_generator import SequenceGenerator
 from bild_fairseq.config import BildOptionError, check_batch_policy, check_thresholds
 from bild_fairseq.engines import build_engine
 from bild_fairseq.incremental import DecoderCache
+from bild_fairseq.ngrams import block_repeats
 from bild_fairseq.policies import big_pass_due, fallback, first_rollback
-from bild_fairseq.rules import SearchRules
+from bild_fairseq.rules import Scores, SearchRules
 from bild_fairseq.stats import BildStats
 
 #: the per-batch counters kept on the device (BildStats fields)
@@ -66,8 +67,8 @@ class BildSequenceGenerator(SequenceGenerator):
             raise BildOptionError(f"BiLD decodes greedily: use --beam 1 (got --beam {kwargs['beam_size']})")
         if len(models) != 1:
             raise BildOptionError(f"BiLD pairs one big model with one small model; got an ensemble of {len(models)}")
-        if kwargs.get("no_repeat_ngram_size", 0) or kwargs.get("match_source_len", False):
-            raise BildOptionError("BiLD does not support --no-repeat-ngram-size or --match-source-len")
+        if kwargs.get("match_source_len", False):
+            raise BildOptionError("BiLD does not support --match-source-len")
         if kwargs.get("temperature", 1.0) != 1.0:
             raise BildOptionError("BiLD's policies are defined on the models' own distributions: use --temperature 1")
         check_thresholds(fallback_threshold, rollback_threshold, max_small_steps)
@@ -91,6 +92,7 @@ class BildSequenceGenerator(SequenceGenerator):
         self.wait_share, self.max_wait, self.verify_drafting = wait_share, max_wait, verify_drafting
         self.rules = SearchRules(len(tgt_dict), self.pad, self.unk, self.eos, self.unk_penalty,
                                  self.token_indices_to_suppress, self.min_len)
+        self.no_repeat_ngram_size = kwargs.get("no_repeat_ngram_size", 0)
         self.stats = BildStats()
 
     # -- SequenceGenerator contract ---------------------------------------------------------
@@ -160,7 +162,9 @@ class BildSequenceGenerator(SequenceGenerator):
         limit, run, iterations, n_read = int(max_len[0]), 0, 0, 1
         while True:
             iterations += 1
-            _, best_lp, best = self.small.step(small_cache, torch.tensor([tokens[-1]], device=device), n_read + 1, self.rules, max_len)
+            _, best_lp, best = self._ban(self.small.step(small_cache, torch.tensor([tokens[-1]], device=device),
+                                                         n_read + 1, self.rules, max_len),
+                                         torch.tensor([tokens], device=device), torch.tensor([len(tokens)], device=device))
             best, best_lp = int(best[0]), float(best_lp[0])
             counts["small_steps"] += 1
             hand_over = fallback(best_lp, run, self.fallback_threshold, self.max_small_steps)
@@ -181,6 +185,9 @@ class BildSequenceGenerator(SequenceGenerator):
             else:
                 lprobs, big_best_lp, big_best = self.big.forward(big_cache, one, feed, torch.tensor([k], device=device),
                                                                  n_read, True, self.rules, max_len)
+            lprobs, big_best_lp, big_best = self._ban(Scores(lprobs, big_best_lp, big_best),
+                                                      torch.tensor([tokens], device=device),
+                                                      torch.arange(start + 1, start + 1 + k, device=device).unsqueeze(0))
             proposals = torch.tensor([tokens[start + 1:] + [self.eos]], device=device)  # the last entry: not checked
             checkable = torch.tensor([[j < k - 1 and start + j < limit for j in range(k)]], device=device)
             cut = min(int(first_rollback(lprobs, proposals, checkable, self.rollback_threshold, self.exact)[0]), k - 1)
@@ -215,7 +222,7 @@ class BildSequenceGenerator(SequenceGenerator):
         n_max, calls, last = 1, 0, s.tokens[:, 0]
         s.from_big[:] = True  # every token is the big model's
         while True:
-            _, best_lp, best = self.big.step(cache, last, n_max, self.rules, s.max_len)
+            _, best_lp, best = self._ban(self.big.step(cache, last, n_max, self.rules, s.max_len), s.tokens, s.n)
             at = s.n.unsqueeze(1)
             s.tokens.scatter_(1, at, best.unsqueeze(1))
             s.scores.scatter_(1, at, best_lp.unsqueeze(1))
@@ -229,6 +236,11 @@ class BildSequenceGenerator(SequenceGenerator):
                 last = last[keep]
         s.big_calls, s.big_passes = s.big_calls + calls, s.big_passes + n_max - 1
         return n_max - 1
+
+    def _ban(self, scores: Scores, tokens: Tensor, lengths: Tensor) -> Scores:
+        """--no-repeat-ngram-size on the scores after the prefixes ``tokens[r, :lengths[r(, k)]]``."""
+        return block_repeats(scores, tokens, lengths, self.no_repeat_ngram_size) if self.no_repeat_ngram_size \
+            else scores
 
     def _retire(self, s: "_BatchState", caches: tuple[DecoderCache, ...], hypotheses: list[list[dict]]) -> bool:
         """Finished sentences leave the batch and its caches; True when none is left."""
@@ -249,7 +261,7 @@ class BildSequenceGenerator(SequenceGenerator):
         and finished sentences ride along (a one-row gather would cost more than their rows):
         waiting ones write a scratch slot past their cache length, which is then left there."""
         last = s.tokens.gather(1, (s.n - 1).unsqueeze(1)).squeeze(1)
-        _, best_lp, best = self.small.step(cache, last, visible, self.rules, s.max_len)
+        _, best_lp, best = self._ban(self.small.step(cache, last, visible, self.rules, s.max_len), s.tokens, s.n)
         cache.length -= s.waiting.long()  # already waited: this step's slot was scratch
         s.waited += s.waiting
         active = ~s.finished & ~s.waiting
@@ -283,6 +295,8 @@ class BildSequenceGenerator(SequenceGenerator):
             feed = tokens.gather(1, (positions - 1).clamp(max=tokens.size(1) - 1))
             lprobs, big_best_lp, big_best = self.big.forward(cache, rows, feed, counts, n_max, all_rows, self.rules,
                                                              max_len)
+        lprobs, big_best_lp, big_best = self._ban(Scores(lprobs, big_best_lp, big_best), tokens,
+                                                  torch.minimum(positions, n.unsqueeze(1)))
         # entries 0 .. counts-2 score the small model's tokens since the big model's last pass;
         # tokens the search forced (EOS at max length) are not the small model's choice
         at = positions.clamp(max=tokens.size(1) - 1)

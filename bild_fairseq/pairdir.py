@@ -8,7 +8,10 @@
      "source_lang": "de", "target_lang": "en",        # fairseq suffixes (dictionary file names)
      "moses_source_lang": "de", "moses_target_lang": "en",
      "bpe": "subword_nmt", "bpe_codes": "bpe.codes",   # or "bpe": null for pre-split input
-     "max_source_tokens": null,                        # truncation applied before BPE at training
+     # or instead of the four keys above, each side's pipeline (see TEXT_FORMS):
+     "text": {"source": {"tokenizer": "sentencepiece", "model": "spm.model"},
+              "target": {"tokenizer": "moses", "lang": "en", "bpe_codes": "bpe.codes"}},
+     "max_source_tokens": null,                        # truncation of source words/pieces at training
      "big": "big.pt", "small": "small.pt",
      "bild": {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10,
               "wait_share": 0.5, "max_wait": 1000, "verify_drafting": false},  # absent: the --bild-* defaults
@@ -23,9 +26,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bild_fairseq.text import TextPipeline
+from bild_fairseq.text import SentencePiece, Side, TextPipeline, Words
 
 PAIR_FORMAT = 1
+#: the per-side forms of pair.json's "text": tokenizer -> (required keys, optional keys)
+TEXT_FORMS = {"moses": ({"lang"}, {"bpe_codes"}), "none": (set(), {"bpe_codes"}),
+              "sentencepiece": ({"model"}, set())}
+#: the shipped pairs' way to declare Moses + joint BPE on both sides, used when "text" is absent
+LEGACY_TEXT_KEYS = ("moses_source_lang", "moses_target_lang", "bpe", "bpe_codes")
 
 
 class PairDirError(ValueError):
@@ -38,10 +46,11 @@ class PairSpec:
     task: str
     source_lang: str
     target_lang: str
-    moses_source_lang: str
-    moses_target_lang: str
+    moses_source_lang: str | None = None
+    moses_target_lang: str | None = None
     bpe: str | None = "subword_nmt"
     bpe_codes: str | None = "bpe.codes"
+    text: dict = field(default_factory=dict)  # {"source": {...}, "target": {...}}; {}: the keys above
     max_source_tokens: int | None = None
     big: str = "big.pt"
     small: str = "small.pt"
@@ -69,6 +78,9 @@ class PairSpec:
             raise PairDirError(f"{path}: unknown keys {sorted(unknown)}")
         if raw.get("format", PAIR_FORMAT) != PAIR_FORMAT:
             raise PairDirError(f"{path}: format {raw['format']} is not supported (expected {PAIR_FORMAT})")
+        if raw.get("text") and any(raw.get(k) is not None for k in LEGACY_TEXT_KEYS):
+            raise PairDirError(f"{path}: declare the text pipeline either in \"text\" or in "
+                               f"{', '.join(LEGACY_TEXT_KEYS)}, not both")
         try:
             spec = cls(directory=directory, **raw)
         except TypeError as e:
@@ -79,15 +91,16 @@ class PairSpec:
     def save(self) -> Path:
         data = asdict(self)
         del data["directory"]
+        for key in LEGACY_TEXT_KEYS if self.text else ("text",):
+            del data[key]  # one declaration of the pipeline (the shipped pairs' files stay as they are)
         path = self.directory / "pair.json"
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path
 
     def check(self, *models: str) -> None:
         """Fail early, naming the missing file, rather than deep inside fairseq."""
-        needed = [f"dict.{self.source_lang}.txt", f"dict.{self.target_lang}.txt", *(models or (self.big,))]
-        if self.bpe is not None:
-            needed.append(self.bpe_codes or "")
+        needed = [f"dict.{self.source_lang}.txt", f"dict.{self.target_lang}.txt", *(models or (self.big,)),
+                  *self.text_files()]
         for name in needed:
             if not (self.directory / name).is_file():
                 raise PairDirError(f"pair directory {self.directory}: missing {name}")
@@ -100,6 +113,36 @@ class PairSpec:
             raise PairDirError(f"pair directory {self.directory}: missing model file {name}")
         return path
 
+    def sides(self) -> dict[str, dict]:
+        """Each side's declared pipeline in "text"'s form (the legacy keys translated)."""
+        if not self.text:
+            codes = {"bpe_codes": self.bpe_codes} if self.bpe is not None and self.bpe_codes else {}
+            return {side: {"tokenizer": "moses", "lang": lang, **codes} if lang else {"tokenizer": "none", **codes}
+                    for side, lang in (("source", self.moses_source_lang), ("target", self.moses_target_lang))}
+        path = self.directory / "pair.json"
+        for side in ("source", "target"):
+            form = self.text.get(side) if isinstance(self.text, dict) else None
+            if not isinstance(form, dict) or form.get("tokenizer") not in TEXT_FORMS:
+                raise PairDirError(f"{path}: text.{side} must be an object with \"tokenizer\": one of "
+                                   f"{', '.join(TEXT_FORMS)} (got {form!r})")
+            required, optional = TEXT_FORMS[form["tokenizer"]]
+            keys = set(form) - {"tokenizer"}
+            if not required <= keys or not keys <= required | optional:
+                raise PairDirError(f"{path}: text.{side} with tokenizer {form['tokenizer']} takes the keys "
+                                   f"{sorted(required)} and optionally {sorted(optional)}, got {sorted(keys)}")
+        return {side: self.text[side] for side in ("source", "target")}
+
+    def text_files(self) -> list[str]:
+        """The tokenization files (BPE codes, SentencePiece models) in the directory."""
+        names = [form.get("bpe_codes") or form.get("model") for form in self.sides().values()]
+        return list(dict.fromkeys(name for name in names if name))
+
     def text_pipeline(self) -> TextPipeline:
-        codes = self.directory / self.bpe_codes if self.bpe is not None and self.bpe_codes else None
-        return TextPipeline(self.moses_source_lang, self.moses_target_lang, codes, self.max_source_tokens)
+        sides = self.sides()
+        return TextPipeline(self._side(sides["source"], self.max_source_tokens), self._side(sides["target"], None))
+
+    def _side(self, form: dict, max_tokens: int | None) -> Side:
+        if form["tokenizer"] == "sentencepiece":
+            return SentencePiece(self.directory / form["model"], max_tokens)
+        codes = form.get("bpe_codes")
+        return Words(form.get("lang"), self.directory / codes if codes else None, max_tokens)

@@ -25,12 +25,12 @@ def prepare(corpus: Corpus, out: Path, limit: int | None = None, workers: int = 
     tok_dir, bpe_dir, bin_dir = out / "tok", out / "bpe", out / "bin"
     for d in (tok_dir, bpe_dir):
         d.mkdir(parents=True, exist_ok=True)
-    plain = TextPipeline(corpus.src_lang, corpus.tgt_lang, None, corpus.max_source_tokens)
+    plain = TextPipeline.moses(corpus.src_lang, corpus.tgt_lang, None, corpus.max_source_tokens)
     for split in SPLITS:
         for suffix, target in ((corpus.src_suffix, False), (corpus.tgt_suffix, True)):
             lines = read_lines(corpus.path(split, suffix), limit)
             (tok_dir / f"{split}.{suffix}").write_text(
-                "\n".join(plain.tokenize(line, target=target) for line in lines) + "\n", encoding="utf-8"
+                "\n".join(plain.side(target).tokenize(line) for line in lines) + "\n", encoding="utf-8"
             )
     codes = out / "bpe.codes"
     joint = out / "tok" / "train.joint"
@@ -42,12 +42,12 @@ def prepare(corpus: Corpus, out: Path, limit: int | None = None, workers: int = 
     with open(joint, encoding="utf-8") as fin, open(codes, "w", encoding="utf-8") as fout:
         learn_bpe(fin, fout, corpus.bpe_merges)
     joint.unlink()
-    bpe = TextPipeline(corpus.src_lang, corpus.tgt_lang, codes, corpus.max_source_tokens)
+    bpe = TextPipeline.moses(corpus.src_lang, corpus.tgt_lang, codes)
     for split in SPLITS:
         for suffix in (corpus.src_suffix, corpus.tgt_suffix):
             lines = (tok_dir / f"{split}.{suffix}").read_text(encoding="utf-8").splitlines()
             (bpe_dir / f"{split}.{suffix}").write_text(
-                "\n".join(bpe.apply_bpe(line) for line in lines) + "\n", encoding="utf-8"
+                "\n".join(bpe.source.apply_bpe(line) for line in lines) + "\n", encoding="utf-8"
             )
     subprocess.run(
         [

@@ -5,6 +5,8 @@
   bild-jobs status WORKDIR
   bild-jobs collect WORKDIR [--output OUT] [--ref REF]
   bild-jobs binarize INPUT --pair DIR --out DATA_BIN [--ref REF]   (for fairseq-generate)
+  bild-jobs plugin-dir   (for fairseq-generate --user-dir $(bild-jobs plugin-dir) --bild ...)
+  bild-jobs pair init OUT --big BIG.pt --small SMALL.pt --dicts DIR ...   (your own models)
   bild-jobs bench | sweep | distill ...   (evaluation and tuning)
 
 Each command's --help lists its options.
@@ -69,6 +71,8 @@ TOOLS = {
               "Sweep BiLD thresholds on a dev set; recommend the fastest within a quality budget."),
     "distill": ("jobs.tuning.distill:distill",
                 "Align the small model with the big one by sequence-level distillation."),
+    "pair": ("jobs.tuning.pairinit:pair",
+             "pair init: a pair directory from your own checkpoints, checked and tuned on a dev set."),
 }
 
 
@@ -136,6 +140,8 @@ def main() -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]),
               help="both models' precision: fp16 needs a GPU, bf16 runs anywhere [fp32]")
 @click.option("--fp16", is_flag=True, help="the same as --precision fp16")
+@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), help="never repeat an n-gram of this size "
+              "(fairseq's option; for models that loop on unfamiliar text) [pair.json's, else 0: off]")
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]),
               help="runtime of greedy decoding (fairseq-generate's --bild-engine): onnxruntime runs both models "
               "as exported ONNX graphs on the CPU [pair.json's measured default, else torch]")
@@ -172,7 +178,8 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
         workers: int | None, mode: str, small_checkpoint: str | None, bild_exact: bool,
         fallback_threshold: float | None, rollback_threshold: float | None, max_small_steps: int | None,
         wait_share: float | None, max_wait: int | None, verify_drafting: bool | None, beam: int, max_len_a: float | None, max_len_b: int | None,
-        precision: str | None, fp16: bool, engine: str | None, int8: bool | None, max_tokens: int | None,
+        precision: str | None, fp16: bool, no_repeat_ngram_size: int | None, engine: str | None, int8: bool | None,
+        max_tokens: int | None,
         max_sentences: int | None, device: str, allow_binary: bool, chunk_lines: int, ref: Path | None, retries: int, fresh: bool, python_cmd: str,
         progress: bool | None, partition: str | None, time_limit: str | None, gpus_per_task: int,
         cpus_per_task: int | None, mem: str | None, sbatch_options: tuple[str, ...], poll_interval: float | None,
@@ -214,7 +221,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
                             fallback_threshold=fallback_threshold, rollback_threshold=rollback_threshold,
                             max_small_steps=max_small_steps, wait_share=wait_share, max_wait=max_wait,
                             verify_drafting=verify_drafting, beam=beam, max_len_a=max_len_a, max_len_b=max_len_b,
-                            precision=precision, engine=engine, int8=int8)
+                             precision=precision, no_repeat_ngram_size=no_repeat_ngram_size, engine=engine, int8=int8)
         slots = plan_slots(device, workers) if executor == "local" else []
         # the workers' device: a GPU slot (local), a GPU asked of Slurm, else the CPU
         gpu = any(s["CUDA_VISIBLE_DEVICES"] for s in slots) if executor == "local" else \
@@ -309,9 +316,9 @@ def collect_command(workdir: Path, output: Path | None, ref: Path | None) -> Non
 @click.option("--split", type=click.Choice(["test", "valid", "train"]), default="test", show_default=True,
               help="the split fairseq-preprocess writes (fairseq-generate --gen-subset)")
 def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, split: str) -> None:
-    """Encode INPUT (plain, .gz or .xz) as the pair's models were trained (Moses tokenization and BPE
-    from pair.json, no XML escaping) and binarize it with the pair's dictionaries into DATA_BIN,
-    for `fairseq-generate DATA_BIN --user-dir bild_fairseq --bild ...`. Every line is kept."""
+    """Encode INPUT (plain, .gz or .xz) as the pair's models were trained (pair.json's text pipeline:
+    Moses without XML escaping and BPE, SentencePiece, or pre-split) and binarize it with the pair's dictionaries into DATA_BIN,
+    for `fairseq-generate DATA_BIN --user-dir $(bild-jobs plugin-dir) --bild ...`. Every line is kept."""
     import tempfile
 
     from bild_fairseq.pairdir import PairDirError, PairSpec
@@ -332,9 +339,27 @@ def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, 
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(_os_error(e)) from None
-    small = spec.directory / spec.small
+    from bild_fairseq.config import DEFAULTS, THRESHOLDS
+    from jobs.plugin import plugin_dir
+
+    # what `bild-jobs run --bild` decodes with: the pair's thresholds and generation settings
+    settings = {**{f"bild_{k}": v for k, v in {**DEFAULTS, **spec.bild}.items() if k in THRESHOLDS},
+                "max_len_a": 0, "max_len_b": 200, **spec.generation}
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+    remove = "sentencepiece" if spec.sides()["target"]["tokenizer"] == "sentencepiece" else "subword_nmt"
     click.echo(f"wrote {destdir}: {len(sources)} lines ({split} split); decode it with\n"
-               f"  fairseq-generate {destdir} --user-dir bild_fairseq --path {spec.directory / spec.big} "
-               f"--bild --bild-small-path {small} --gen-subset {split} --beam 1 --remove-bpe"
+               f"  fairseq-generate {destdir} --user-dir {plugin_dir()} --path {spec.directory / spec.big} "
+               f"--bild --bild-small-path {spec.directory / spec.small} {flags} --gen-subset {split} --beam 1 "
+               f"--remove-bpe {remove}"
                + ("" if spec.task != "translation" else f" --source-lang {spec.source_lang} --target-lang "
                   f"{spec.target_lang}"))
+
+
+@main.command(name="plugin-dir", short_help="Print the plugin's directory, for fairseq's --user-dir.")
+def plugin_dir_command() -> None:
+    """Print the absolute path of the bild_fairseq plugin: fairseq resolves --user-dir against the
+    current directory, so `fairseq-generate ... --user-dir $(bild-jobs plugin-dir) --bild` works
+    from any directory."""
+    from jobs.plugin import plugin_dir
+
+    click.echo(plugin_dir())

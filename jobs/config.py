@@ -42,6 +42,7 @@ class Decoding(BildChoice):
     max_len_a: float | None = None
     max_len_b: int | None = None
     precision: str = "fp32"  # both models: fp32, fp16 (GPU) or bf16 (bild_fairseq.precision)
+    no_repeat_ngram_size: int | None = None
     engine: str | None = None  # None: the pair's measured default (pair.json's "run"), else torch
     int8: bool | None = None  # 8-bit weights (onnxruntime); None: the pair's measured default, else no
 
@@ -115,10 +116,11 @@ def pair_fingerprint(spec: PairSpec, decoding: Decoding, digest: Callable[[Path]
     the pair.json settings its output depends on: not the run's default mode and its reasons, nor
     the BiLD batch policy, and the BiLD thresholds only when decoding with BiLD (re-tuning BiLD
     leaves a big-only run resumable). The model file names count through their digests."""
-    names = [f"dict.{spec.source_lang}.txt", f"dict.{spec.target_lang}.txt", *decoding.model_files(spec)]
-    if spec.bpe is not None and spec.bpe_codes:
-        names.append(spec.bpe_codes)
-    settings = {k: v for k, v in asdict(spec).items() if k not in ("directory", "big", "small", "bild", "run")}
+    names = [f"dict.{spec.source_lang}.txt", f"dict.{spec.target_lang}.txt", *decoding.model_files(spec),
+             *spec.text_files()]
+    # an empty "text" (the legacy keys declare the pipeline) leaves earlier work directories' digest as it was
+    settings = {k: v for k, v in asdict(spec).items()
+                if k not in ("directory", "big", "small", "bild", "run") and not (k == "text" and not v)}
     if decoding.resolve(spec).mode == "bild":
         settings["bild"] = {k: v for k, v in spec.bild.items() if k not in BATCH_POLICY}
     text = json.dumps(settings, sort_keys=True, default=str).encode()
@@ -165,6 +167,8 @@ class RunConfig:
         if data["decoding"].get("engine") in (None, "torch") and not data["decoding"].get("int8"):
             data["decoding"].pop("engine", None)
             data["decoding"].pop("int8", None)
+        if data["decoding"].get("no_repeat_ngram_size") is None:  # not given: as before the option existed
+            data["decoding"].pop("no_repeat_ngram_size", None)
         # fp32 and fp16 hash as the fp16 flag before --precision did: those work directories resume
         precision = data["decoding"].pop("precision")
         data["decoding"].update({"precision": precision} if precision == "bf16" else {"fp16": precision == "fp16"})

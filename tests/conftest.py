@@ -39,5 +39,11 @@ def tiny_summ_pair(summ_slice, tmp_path_factory) -> Path:
                                max_source_tokens=80)
 
 
+@pytest.fixture(scope="session")
+def spm_checkpoints(tmp_path_factory) -> Path:
+    """A SentencePiece model trained here, its fairseq dictionaries and a random big/small pair."""
+    return tiny.sentencepiece_checkpoints(tmp_path_factory.mktemp("spm-checkpoints"))
+
+
 # exported ONNX graphs of the tests' throwaway models go to a directory of their own, not the user's cache
 os.environ.setdefault("BILD_ONNX_CACHE", tempfile.mkdtemp(prefix="bild-onnx-tests-"))

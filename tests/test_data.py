@@ -1,5 +1,4 @@
 """Data preparation, text round trips and scoring helpers on the real shipped corpora."""
-import lzma
 import shutil
 
 import pytest
@@ -9,12 +8,7 @@ from bild_fairseq.scoring import bleu, chrf, rouge, score_task
 from bild_fairseq.text import TextPipeline
 from data.distill_sources import held_out_clean
 from data.evaluate import evaluate, markdown
-from tiny import ROOT
-
-
-def corpus_lines(name, n=200):
-    with lzma.open(ROOT / "data" / "corpora" / name, "rt", encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(n)]
+from tiny import ROOT, corpus_lines
 
 
 def test_prepare_slice_binarizes_with_one_joined_dictionary(deen_slice):
@@ -43,18 +37,18 @@ def test_summarization_split_is_by_contiguous_blocks():
 
 
 def test_bpe_and_tokenization_round_trip(deen_slice):
-    pipe = TextPipeline("de", "en", deen_slice / "bpe.codes")
+    pipe = TextPipeline.moses("de", "en", deen_slice / "bpe.codes")
     lines = corpus_lines("lohelp.de-en.valid.en.xz")
     for line in lines:
-        tokenized = pipe.tokenize(line, target=True)
-        bpe = pipe.apply_bpe(tokenized)
-        assert pipe.decode(bpe) == pipe._detok.detokenize(tokenized.split())  # BPE removal is exact
+        tokenized = pipe.target.tokenize(line)
+        bpe = pipe.target.apply_bpe(tokenized)
+        assert pipe.decode(bpe) == pipe.target._detok.detokenize(tokenized.split())  # BPE removal is exact
     exact = sum(pipe.decode(pipe.encode(line, target=True)) == line.strip() for line in lines)
     assert exact / len(lines) > 0.9  # Moses detokenization inverts tokenization on most real text (94.5% here)
 
 
 def test_source_truncation_is_applied_before_bpe():
-    pipe = TextPipeline("en", "en", None, max_source_tokens=5)
+    pipe = TextPipeline.moses("en", "en", None, max_source_tokens=5)
     assert pipe.encode("one two three four five six seven") == "one two three four five"
     assert pipe.encode("a b", target=True) == "a b"
 

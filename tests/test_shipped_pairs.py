@@ -8,6 +8,7 @@ from fairseq.data import data_utils
 from fairseq.sequence_generator import SequenceGenerator
 
 from bild_fairseq.api import PairTranslator
+from bild_fairseq.generator import BildSequenceGenerator
 from bild_fairseq.scoring import score_task
 from tiny import ROOT
 
@@ -52,26 +53,59 @@ def test_big_model_scores_above_floor_and_beats_small_by_margin(shipped):
         assert scores["big"] >= scores["small"] + margin, scores
 
 
+def encode(t: PairTranslator, sources):
+    pipe, d = t.spec.text_pipeline(), t.task.source_dictionary
+    return [d.encode_line(pipe.encode(s), add_if_not_exist=False).long()[-t.max_source_tokens:] for s in sources]
+
+
+def run(gen, t: PairTranslator, encoded, batch):
+    """Each source's output tokens, decoded ``batch`` sources at a time."""
+    d, big, out = t.task.source_dictionary, t.generator.model.single_model, []
+    for i in range(0, len(encoded), batch):
+        chunk = encoded[i:i + batch]
+        sample = {"net_input": {"src_tokens": data_utils.collate_tokens(chunk, d.pad(), d.eos(), left_pad=True),
+                                "src_lengths": torch.tensor([c.numel() for c in chunk])}}
+        with torch.no_grad():
+            out += [h[0]["tokens"].tolist() for h in gen.generate([big], sample)]
+    return out
+
+
 def test_exact_bild_equals_stock_big_greedy_on_shipped_pair(shipped):
     name, pair = shipped
-    sources = read(PAIRS[name][0], 40)
     t = PairTranslator.from_pair_dir(pair, mode="bild", exact=True)
-    big = t.generator.model.single_model
-    stock = SequenceGenerator([big], t.task.target_dictionary, beam_size=1, **t.spec.generation)
-    pipe, d = t.spec.text_pipeline(), t.task.source_dictionary
-    encoded = [d.encode_line(pipe.encode(s), add_if_not_exist=False).long()[-t.max_source_tokens:] for s in sources]
-
-    def run(gen, batch):
-        out = []
-        for i in range(0, len(encoded), batch):
-            chunk = encoded[i:i + batch]
-            sample = {"net_input": {"src_tokens": data_utils.collate_tokens(chunk, d.pad(), d.eos(), left_pad=True),
-                                    "src_lengths": torch.tensor([c.numel() for c in chunk])}}
-            with torch.no_grad():
-                out += [h[0]["tokens"].tolist() for h in gen.generate([big], sample)]
-        return out
-
-    reference = run(stock, 1)
+    stock = SequenceGenerator([t.generator.model.single_model], t.task.target_dictionary, beam_size=1,
+                              **t.spec.generation)
+    encoded = encode(t, read(PAIRS[name][0], 40))
+    reference = run(stock, t, encoded, 1)
     for batch in (1, 3, 16):
-        assert run(t.generator, batch) == reference
+        assert run(t.generator, t, encoded, batch) == reference
     assert t.generator.stats.small_tokens > 0  # the small model did real work
+
+
+#: out-of-domain input on which the shipped de-en big model loops ("Automatically automatically ...")
+LOOPING = ["Automatisch automatisch automatisch wird die Tabelle automatisch aktualisiert automatisch.",
+           "Die Katze sitzt auf der Matte und schaut aus dem Fenster, die Katze sitzt und schaut."]
+
+
+def trigrams(tokens):
+    return [tuple(tokens[i:i + 3]) for i in range(len(tokens) - 2)]
+
+
+def test_exact_bild_with_no_repeat_ngram_size_equals_stock_on_shipped_pair():
+    t = PairTranslator.from_pair_dir(ROOT / "data" / "pairs" / "deen", mode="bild", exact=True)
+    encoded = encode(t, LOOPING + read(PAIRS["deen"][0], 30))
+    big, tgt = t.generator.model.single_model, t.task.target_dictionary
+    plain = run(SequenceGenerator([big], tgt, beam_size=1, **t.spec.generation), t, encoded, 16)
+    stock = run(SequenceGenerator([big], tgt, beam_size=1, no_repeat_ngram_size=3, **t.spec.generation), t, encoded, 1)
+    assert len(set(trigrams(plain[0]))) < len(trigrams(plain[0]))  # it loops without the option
+    assert all(len(set(trigrams(h))) == len(trigrams(h)) for h in stock)  # the plugin's hook 6: stock bans
+    assert stock[0] != plain[0]
+    bild = BildSequenceGenerator([big], tgt, small_model=t.generator.small_model, exact=True, beam_size=1,
+                                 no_repeat_ngram_size=3, **t.spec.generation)
+    for batch in (1, 16):
+        assert run(bild, t, encoded, batch) == stock
+    assert bild.stats.small_tokens > 0
+    greedy = BildSequenceGenerator([big], tgt, beam_size=1, no_repeat_ngram_size=3, **t.spec.generation)
+    assert run(greedy, t, encoded, 16) == stock  # the big-only loop of bild-jobs run --big-only
+    api = PairTranslator.from_pair_dir(t.spec.directory, exact=True, no_repeat_ngram_size=3)  # bild-jobs run's
+    assert api.translate(LOOPING).hypotheses == [t.spec.text_pipeline().decode(tgt.string(h)) for h in stock[:2]]

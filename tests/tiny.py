@@ -111,3 +111,37 @@ def make_tiny_pair(prepared: Path, out: Path, task: str = "translation", seed: i
                     generation={"max_len_a": 0, "max_len_b": 30})
     spec.save()
     return out
+
+
+def corpus_lines(name: str, n: int = 200) -> list[str]:
+    """The first ``n`` lines of a shipped corpus file (data/corpora/NAME)."""
+    from jobs.shards import read_lines
+
+    return read_lines(ROOT / "data" / "corpora" / name, n)
+
+
+def sentencepiece_checkpoints(out: Path, lines: int = 300, vocab_size: int = 400) -> Path:
+    """What a SentencePiece user brings: a joint SentencePiece model trained here on the de-en
+    slice (``spm.model``), the joined fairseq dictionaries of its pieces (``dicts/dict.{de,en}.txt``)
+    and random big and small checkpoints over them (``big.pt``, ``small.pt``)."""
+    import sentencepiece
+    from fairseq.data import Dictionary
+
+    text = corpus_lines("lohelp.de-en.train.de.xz", lines) + corpus_lines("lohelp.de-en.train.en.xz", lines)
+    out.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(out / "spm"),
+                                             vocab_size=vocab_size, character_coverage=1.0, num_threads=1,
+                                             minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    dictionary = Dictionary()
+    for line in text:
+        for piece in sp.encode(line, out_type=str):
+            dictionary.add_symbol(piece)
+    dictionary.finalize()
+    (out / "dicts").mkdir(exist_ok=True)
+    for lang in ("de", "en"):
+        dictionary.save(str(out / "dicts" / f"dict.{lang}.txt"))
+    langs = ["--source-lang", "de", "--target-lang", "en"]
+    random_checkpoint(out / "dicts", TINY_BIG, out / "big.pt", seed=3, extra=langs)
+    random_checkpoint(out / "dicts", TINY_SMALL, out / "small.pt", seed=1003, extra=langs)
+    return out

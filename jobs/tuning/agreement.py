@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from fairseq.data import data_utils
 
+from bild_fairseq.pairdir import PairSpec
 from jobs.shards import read_lines
 from jobs.tuning.measure import Batching, PairModels, Variant, encode, measure
 
@@ -42,6 +43,19 @@ def agreement(small_model: torch.nn.Module, sources: Sequence[torch.Tensor], big
     return matches / total if total else 0.0
 
 
+def pair_agreement(pair: Path, lines: Sequence[str], smalls: Sequence[str | None] = (None,),
+                   device: str = "cpu") -> dict[str | None, tuple[float, int]]:
+    """Each small model's agreement with the pair's big model on ``lines`` (raw source text),
+    and the number of big-model tokens it was measured on."""
+    variants = [Variant("big", "big"), *(Variant(f"small@{s}", "small", s) for s in smalls)]
+    models = PairModels(pair, variants, device)
+    sources = encode(models.base, lines)
+    big = measure({"big": models.translator(variants[0])}, sources, Batching.parse("tokens:4096"), 1)["big"].tokens
+    tgt = models.base.task.target_dictionary
+    tokens = sum(len(t) for t in big)
+    return {name: (agreement(models.small[name], sources, big, tgt.pad(), tgt.eos()), tokens) for name in smalls}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Agreement of a pair's small model(s) with its big model on a "
                                                  "source file (the big model's greedy outputs, teacher-forced)")
@@ -51,16 +65,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="first N lines [all]")
     args = parser.parse_args(argv)
     logging.getLogger("fairseq").setLevel(logging.WARNING)  # the figures only, not fairseq's loading notes
-    smalls = args.small or [None]
-    variants = [Variant("big", "big"), *(Variant(f"small@{s}", "small", s) for s in smalls)]
-    models = PairModels(args.pair, variants)
-    sources = encode(models.base, read_lines(args.source, args.limit))
-    big = measure({"big": models.translator(variants[0])}, sources, Batching.parse("tokens:4096"), 1)["big"].tokens
-    tgt = models.base.task.target_dictionary
-    for name in smalls:
-        share = agreement(models.small[name], sources, big, tgt.pad(), tgt.eos())
-        print(f"{name or models.spec.small}: {100 * share:.1f}% of {sum(len(t) for t in big)} big-model tokens "
-              f"({len(sources)} lines of {args.source})")
+    lines = read_lines(args.source, args.limit)
+    for name, (share, tokens) in pair_agreement(args.pair, lines, args.small or [None]).items():
+        print(f"{name or PairSpec.load(args.pair).small}: {100 * share:.1f}% of {tokens} big-model tokens "
+              f"({len(lines)} lines of {args.source})")
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ class PairModels:
         from fairseq.sequence_generator import SequenceGenerator
 
         tgt = self.base.task.target_dictionary
-        gen = {k: self.base.settings[k] for k in ("max_len_a", "max_len_b")}
+        gen = {k: self.base.settings[k] for k in ("max_len_a", "max_len_b", "no_repeat_ngram_size")
+               if k in self.base.settings}
         if v.mode == "ct2":
             from jobs.tuning.peers import CT2Generator, convert_ct2
 

@@ -23,6 +23,7 @@ from bild_fairseq.config import DEFAULTS, SETTINGS, BildOptionError
 from bild_fairseq.pairdir import PairDirError
 from bild_fairseq.precision import FAIRSEQ_FLAGS, PRECISIONS, check_precision
 from bild_fairseq.scoring import PRIMARY_METRIC, score_task
+from jobs.plugin import plugin_dir
 from jobs.shards import read_lines
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Variant, bild_rates, detokenize,
                                  encode, measure)
@@ -102,7 +103,7 @@ def decide(result: dict, max_drop: float) -> dict:
     chosen = next(p for p in result["points"] if p["name"] == best.name)
     big, small = result["models"]["big"], result["models"]["small"]
     models = {"big": ["--path", big], "small": ["--path", small]}.get(
-        chosen["kind"], ["--user-dir", "bild_fairseq", "--path", big, "--bild-small-path", small])
+        chosen["kind"], ["--user-dir", plugin_dir(), "--path", big, "--bild-small-path", small])
     precision = result["precision"]  # the precision the points were measured in
     run_precision = "" if precision == "fp32" else f" --precision {precision}"
     return {"point": chosen["name"], "kind": chosen["kind"], "speedup": chosen["speedup"],
@@ -132,7 +133,7 @@ def write(result: dict, out: Path) -> None:
          out / "sweep.png")
 
 
-def _floats(text: str) -> list[float]:
+def parse_floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -177,11 +178,11 @@ def sweep_command(pair_dir: Path, source: Path, ref: Path, out: Path, fallback: 
                   repeats: int, limit: int | None, device: str, precision: str, engine: str, int8: bool) -> None:
     try:
         check_precision(precision, device)
-        step_values = [int(s) for s in _floats(steps)]
+        step_values = [int(s) for s in parse_floats(steps)]
         verify_values = [{"no": False, "yes": True}[v.strip()] if v.strip() in ("no", "yes") else
                          _bad(f"--verify-drafting: expected no, yes or no,yes, got {verify!r}") for v in verify.split(",")]
-        variants = grid(_floats(fallback), _floats(rollback), step_values, small_checkpoint, _floats(shares),
-                        [int(m) for m in _floats(max_waits)], verify_values, engine, int8)
+        variants = grid(parse_floats(fallback), parse_floats(rollback), step_values, small_checkpoint, parse_floats(shares),
+                        [int(m) for m in parse_floats(max_waits)], verify_values, engine, int8)
         result = sweep(pair_dir, source, ref, variants, Batching.parse(batch_text), repeats, limit, metric, device,
                        lambda m: click.echo(m, err=True), precision)
     except (MeasureError, PairDirError, BildOptionError) as e:

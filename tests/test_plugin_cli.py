@@ -252,7 +252,7 @@ def _generate_in_process(argv: list[str]) -> None:
     main(options.parse_args_and_arch(options.get_generation_parser(), argv))
 
 
-def test_generate_bf16_decodes_both_models_in_bf16_and_fp16_on_cpu_is_refused(small_test_sets, tiny_pair, monkeypatch,
+def test_generate_bf16_decodes_both_models_in_bf16_and_fp16_on_cpu_is_refused(test_sets, tiny_pair, monkeypatch,
                                                                               capsys):
     """fairseq 0.12's generate ignores --bf16: the plugin converts, and BiLD's loop then computes
     both models' hidden states in bfloat16 (recorded where each decoder's layers end)."""
@@ -268,7 +268,7 @@ def test_generate_bf16_decodes_both_models_in_bf16_and_fp16_on_cpu_is_refused(sm
 
     monkeypatch.setattr(IncrementalDecoder, "_output", spy)
     monkeypatch.setattr("atexit.register", lambda *_: None)  # no end-of-run statistics after the test
-    argv = [str(small_test_sets[13]), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
+    argv = [str(test_sets[13]), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
             "--gen-subset", "test", "--max-len-b", "10", "--beam", "1", "--batch-size", "4", "--cpu",
             "--bild", "--bild-small-path", str(tiny_pair / "small.pt")]
     _generate_in_process(argv + ["--bf16"])

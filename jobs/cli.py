@@ -190,7 +190,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
     from bild_fairseq.precision import check_precision
     from jobs.collect import CollectError
     from jobs.config import MAX_TOKENS, ConfigError, Decoding
-    from jobs.executors.local import LocalExecutor, plan_slots
+    from jobs.executors.local import LocalExecutor, on_gpu, plan_slots
     from jobs.executors.slurm import SlurmError, SlurmExecutor, SlurmOptions
     from jobs.runner import ConfigChanged, RunFailed, RunRequest, check_request, plan_run, run_job
     from jobs.workdir import WorkDir, WorkDirError
@@ -224,8 +224,7 @@ def run(input_path: Path, pair_dir: Path, output: Path, workdir: Path | None, sh
                              precision=precision, no_repeat_ngram_size=no_repeat_ngram_size, engine=engine, int8=int8)
         slots = plan_slots(device, workers) if executor == "local" else []
         # the workers' device: a GPU slot (local), a GPU asked of Slurm, else the CPU
-        gpu = any(s["CUDA_VISIBLE_DEVICES"] for s in slots) if executor == "local" else \
-            device != "cpu" and gpus_per_task > 0
+        gpu = on_gpu(slots) if executor == "local" else device != "cpu" and gpus_per_task > 0
         check_precision(precision, "cuda" if gpu else "cpu")
         request = RunRequest(input=input_path, pair_dir=pair_dir, output=output, decoding=decoding, shards=shards,
                              parallel=len(slots) or workers, max_tokens=max_tokens or MAX_TOKENS["gpu" if gpu else "cpu"],

@@ -46,3 +46,14 @@ def test_gpu_check_on_cuda_without_a_gpu_stops_with_one_line(tmp_path):
     assert done.returncode == 1
     assert "--device cuda, but torch sees no GPU here: run on a CUDA machine, or --device cpu" in done.stderr
     assert not (tmp_path / "out" / "bench").exists()
+
+
+def test_a_phase_over_its_budget_is_stopped_and_named(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([str(SCRIPT), "--device", "cpu", "--quick", "--no-install", str(out)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                                                       "GPU_CHECK_BUDGET_TESTS": "1", "GPU_CHECK_BUDGET_BENCH": "1"})
+    assert done.returncode == 1
+    timings = (out / "timings.txt").read_text()
+    assert "phase tests: OVERRAN its 1 s budget, stopped in " in timings
+    assert "phase bench: OVERRAN its 1 s budget, stopped in " in timings

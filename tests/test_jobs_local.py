@@ -382,6 +382,8 @@ def test_precision_reaches_both_models_and_the_manifest_and_fp16_on_cpu_is_refus
     for fp16 in (["--precision", "fp16"], ["--fp16"]):
         refused = CliRunner().invoke(main, [*args, *fp16])
         assert refused.exit_code == 2 and "fp16 needs a GPU (asked on cpu): on the CPU use bf16 or fp32" in refused.output
+    both = CliRunner().invoke(main, [*args, "--fp16", "--precision", "bf16"])
+    assert both.exit_code == 2 and "--fp16 is --precision fp16, and --precision bf16 was given too: give one" in both.output
     assert not (tmp_path / "out.en.work").exists()
     done = bild_jobs(*args, "--precision", "bf16")
     assert done.returncode == 0, done.stderr

@@ -46,6 +46,11 @@ def plan_slots(device: str, workers: int | None) -> list[dict[str, str]]:
              "MKL_NUM_THREADS": threads} for i in range(workers)]
 
 
+def on_gpu(slots: list[dict[str, str]]) -> bool:
+    """Whether :func:`plan_slots`' workers decode on GPUs."""
+    return any(s["CUDA_VISIBLE_DEVICES"] for s in slots)
+
+
 @dataclass
 class _Running:
     shard: int

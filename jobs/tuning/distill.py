@@ -48,8 +48,8 @@ from bild_fairseq.scoring import PRIMARY_METRIC
 from jobs.binarize import BinarizeError, binarize
 from jobs.commands import CommandFailed, run_logged
 from jobs.collect import CollectError
-from jobs.config import ConfigError, Decoding
-from jobs.executors.local import LocalExecutor, plan_slots
+from jobs.config import MAX_TOKENS, ConfigError, Decoding
+from jobs.executors.local import LocalExecutor, on_gpu, plan_slots
 from jobs.runner import ConfigChanged, RunFailed, RunRequest, run_job
 from jobs.shards import read_lines
 from jobs.tuning.bench import SmallModel, Suite, run_suite
@@ -81,7 +81,7 @@ def teacher_outputs(spec: PairSpec, source: Path, limit: int | None, workdir: Pa
     output = workdir / f"{name}.out"
     wd, slots = WorkDir(workdir / f"{name}.work"), plan_slots(device, workers)
     request = RunRequest(input=source, pair_dir=spec.directory, output=output, decoding=Decoding(mode="big", precision=precision),
-                         parallel=len(slots), device=device)
+                         parallel=len(slots), device=device, max_tokens=MAX_TOKENS["gpu" if on_gpu(slots) else "cpu"])
     run_job(wd, request, lambda cfg: (LocalExecutor(wd, [sys.executable], slots), {"name": "local",
                                                                                   "workers": len(slots)}),
             echo=lambda message: click.echo(message, err=True))

@@ -37,21 +37,22 @@ fifth keeps a user's mistake to one line, and a sixth honours ``--bf16``:
 """
 from __future__ import annotations
 
-import atexit
-import functools
 import dataclasses
+import functools
 import json
 import logging
 import os
 import pickle
 import sys
 import typing
+import weakref
 
 import torch
 
 from bild_fairseq.checkpoints import CheckpointError
 from bild_fairseq.config import BILD_FIELDS, RUNTIME, SETTINGS, BildConfig, BildOptionError
 from bild_fairseq.safe_load import UnsafeCheckpointError, allow_fairseq_checkpoints, explain_refusal
+from bild_fairseq.stats import BildStats
 
 logger = logging.getLogger("bild_fairseq")
 _installed = False
@@ -166,20 +167,23 @@ def _hook_build_generator() -> None:
             bild = {}
         generator = stock(self, models, args, BildSequenceGenerator,
                           {**(extra_gen_cls_kwargs or {}), **bild, **runtime}, **kwargs)
-        atexit.register(report_stats, generator, opts["bild_stats_json"])
+        # reported when the generator is freed or at exit, whichever comes first; the finalizer
+        # holds its statistics, not the generator, so a dropped generator frees its models
+        weakref.finalize(generator, report_stats, generator.stats, opts["bild_stats_json"])
         return generator
 
     FairseqTask.build_generator = build_generator
 
 
-def report_stats(generator, json_path: str | None) -> None:
-    """Log a run's statistics at exit (fairseq-generate has no end-of-run hook) and save JSON."""
-    if generator.stats.sentences == 0:
+def report_stats(stats: BildStats, json_path: str | None) -> None:
+    """Log a generator's statistics at the end of its run (fairseq-generate has no end-of-run
+    hook: the end is when the generator is freed, or the exit) and save them as JSON."""
+    if stats.sentences == 0:
         return
-    logger.info(generator.stats.summary())
+    logger.info(stats.summary())
     if json_path:
         with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(generator.stats.to_dict(), f, indent=2)
+            json.dump(stats.to_dict(), f, indent=2)
 
 
 def _hook_checkpoint_loading() -> None:

@@ -23,6 +23,36 @@ def hypotheses(stdout):
     return {k: (hyps[k], pos[k]) for k in hyps}
 
 
+def test_a_generator_the_hook_built_reports_its_statistics_when_freed(tiny_pair, tmp_path, caplog):
+    """fairseq-generate has no end-of-run hook: statistics are reported when the generator is
+    freed (or at exit), and a generator a program drops is freed, models and all."""
+    import gc
+    import logging
+    import weakref
+
+    from fairseq.data import data_utils
+    from fairseq.dataclass.configs import GenerationConfig
+
+    from bild_fairseq.api import PairTranslator
+
+    t = PairTranslator.from_pair_dir(tiny_pair, mode="big")
+    cfg = GenerationConfig(beam=1, max_len_b=10)
+    cfg.bild, cfg.bild_small_path, cfg.bild_stats_json = True, str(tiny_pair / "small.pt"), str(tmp_path / "s.json")
+    generator = t.task.build_generator([t.generator.model.single_model], cfg)
+    sources = [t.encode(line)[0] for line in ("Klicken Sie auf OK.", "Die Symbolleiste wird geöffnet.")]
+    sample = {"net_input": {"src_tokens": data_utils.collate_tokens(sources, 1, 2, left_pad=True),
+                            "src_lengths": torch.tensor([s.numel() for s in sources])}}
+    with torch.no_grad():
+        generator.generate(generator.model.models, sample)
+    alive = weakref.ref(generator)
+    with caplog.at_level(logging.INFO, logger="bild_fairseq"):
+        del generator
+        gc.collect()
+    assert alive() is None
+    assert json.loads((tmp_path / "s.json").read_text())["sentences"] == 2
+    assert "BiLD: 2 sentences" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def test_sets(deen_slice, tmp_path_factory):
     """The first 13 and 80 test sentences of the slice, binarized with its dictionaries."""
@@ -267,7 +297,6 @@ def test_generate_bf16_decodes_both_models_in_bf16_and_fp16_on_cpu_is_refused(te
         return output(self, x)
 
     monkeypatch.setattr(IncrementalDecoder, "_output", spy)
-    monkeypatch.setattr("atexit.register", lambda *_: None)  # no end-of-run statistics after the test
     argv = [str(test_sets[13]), "--user-dir", PLUGIN_DIR, "--path", str(tiny_pair / "big.pt"),
             "--gen-subset", "test", "--max-len-b", "10", "--beam", "1", "--batch-size", "4", "--cpu",
             "--bild", "--bild-small-path", str(tiny_pair / "small.pt")]

@@ -14,12 +14,10 @@ import torch
 
 import bild_fairseq  # noqa: F401  (installs the checkpoint allow-list and options)
 from bild_fairseq.checkpoints import load_model
-from bild_fairseq.config import DEFAULTS, BildOptionError, check_settings
+from bild_fairseq.config import DEFAULTS, BildOptionError, check_decoding, check_settings
 from bild_fairseq.pairdir import PairSpec
 from bild_fairseq.precision import DTYPES, check_precision
 from bild_fairseq.stats import BildStats
-
-MODES = ("bild", "big", "small")
 
 
 @dataclass(frozen=True)
@@ -66,11 +64,10 @@ class PairTranslator:
 
         from bild_fairseq.generator import BildSequenceGenerator
 
-        if mode not in MODES:
-            raise BildOptionError(f"mode must be one of {MODES}, got {mode!r}")
+        check_decoding(mode, beam, precision, engine, int8)
         check_precision(precision, device)
-        if mode == "bild" and beam != 1:
-            raise BildOptionError(f"BiLD decodes greedily: beam must be 1 (got {beam})")
+        if engine == "onnxruntime" and device != "cpu":
+            raise BildOptionError(f"the onnxruntime engine runs on the CPU (asked: {device}): use engine torch there")
         spec = PairSpec.load(pair_dir)
         small_name, big_name = small_checkpoint or "small", str(big_checkpoint or "big")
         paths = {"bild": [big_name, small_name], "big": [big_name], "small": [small_name]}[mode]
@@ -91,11 +88,6 @@ class PairTranslator:
         ngram = spec.generation.get("no_repeat_ngram_size", 0) if no_repeat_ngram_size is None else no_repeat_ngram_size
         if ngram:  # fairseq's --no-repeat-ngram-size (0, the default, is left out of the settings)
             gen["no_repeat_ngram_size"] = ngram
-        if beam != 1 and (engine != "torch" or int8):
-            raise BildOptionError(f"--engine {engine}{' --int8' if int8 else ''} decodes greedily: beam must be 1")
-        if engine == "onnxruntime" and (device != "cpu" or precision != "fp32"):
-            raise BildOptionError(f"the onnxruntime engine runs fp32 models on the CPU (asked: {device}, "
-                                  f"{precision}): use engine torch there")
         big, small = (models[0] if mode != "small" else None), (models[-1] if mode != "big" else None)
         generator = build_generator(task, mode, big, small, bild=bild, gen=gen, exact=exact, beam=beam,
                                     engine=engine, int8=int8, onnx_cache=onnx_cache)

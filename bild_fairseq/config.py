@@ -106,6 +106,30 @@ class BildOptionError(ValueError):
     """Invalid or unsupported combination of the plugin's options (--bild-*, --teacher/--kd-weight)."""
 
 
+#: decoding modes: BiLD, or one model alone (the baselines)
+MODES = ("bild", "big", "small")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def check_decoding(mode: str | None, beam: int, precision: str, engine: str | None, int8: bool | None) -> None:
+    """Decoding choices that cannot go together, refused before any model is loaded: one check
+    for the API (``PairTranslator``) and the runner's options (``bild-jobs run``). ``mode``,
+    ``engine``, ``int8`` None: not chosen yet. Device-dependent refusals: ``precision.check_precision``."""
+    if mode is not None and mode not in MODES:
+        raise BildOptionError(f"decoding mode must be one of {MODES}, got {mode!r}")
+    if mode == "bild" and beam != 1:
+        raise BildOptionError(f"BiLD decodes greedily (beam 1), got beam {beam}: "
+                              "beam search is for the big-only/small-only baselines")
+    if precision not in PRECISIONS:
+        raise BildOptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if int8 and engine != "onnxruntime":
+        raise BildOptionError("int8 (8-bit weights) is a precision of the onnxruntime engine: "
+                              "choose engine onnxruntime, or drop int8")
+    if engine == "onnxruntime" and (beam != 1 or precision != "fp32"):
+        raise BildOptionError(f"the onnxruntime engine decodes greedily with fp32 models (asked: beam {beam}, "
+                              f"{precision}): use engine torch for beam search, fp16 and bf16")
+
+
 def check_thresholds(fallback_threshold: float, rollback_threshold: float, max_small_steps: int) -> None:
     if not 0.0 <= fallback_threshold <= 1.0:
         raise BildOptionError(f"--bild-fallback-threshold must be in [0, 1] (a probability), got {fallback_threshold}")

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from bild_fairseq.config import BildOptionError
+from bild_fairseq.config import PRECISIONS, BildOptionError  # noqa: F401  (PRECISIONS: re-exported)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: fairseq's own flag for each precision (fairseq-generate, fairseq-train)
 FAIRSEQ_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}

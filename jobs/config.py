@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from bild_fairseq.api import MODES
-from bild_fairseq.config import BATCH_POLICY, SETTINGS, THRESHOLDS, BildChoice, BildOptionError, check_settings
+from bild_fairseq.config import (BATCH_POLICY, SETTINGS, THRESHOLDS, BildChoice, BildOptionError,
+                                 check_decoding, check_settings)
 from bild_fairseq.engines import ENGINES
 from bild_fairseq.pairdir import PairSpec
-from bild_fairseq.precision import PRECISIONS
 from jobs.shards import plan
 from jobs.workdir import write_atomic
 
@@ -47,28 +46,21 @@ class Decoding(BildChoice):
     int8: bool | None = None  # 8-bit weights (onnxruntime); None: the pair's measured default, else no
 
     def __post_init__(self) -> None:
-        if self.mode is not None and self.mode not in MODES:
-            raise ConfigError(f"decoding mode must be one of {MODES}, got {self.mode!r}")
         if self.mode not in (None, "bild") and self.bild_given():
             raise ConfigError("--bild-exact, the BiLD thresholds and batch policy apply to BiLD decoding, not to "
                               "--big-only/--small-only baselines: drop them or drop the baseline flag")
         if self.exact and any(getattr(self, t) is not None for t in THRESHOLDS):
             raise ConfigError("--bild-exact reproduces the big model's output and takes no thresholds: "
                               "give either --bild-exact or --fallback-threshold/--rollback-threshold/--max-small-steps")
-        if self.mode == "bild" and self.beam != 1:
-            raise ConfigError(f"BiLD decodes greedily (beam 1), got --beam {self.beam}: "
-                              "beam search is for the --big-only/--small-only baselines")
         if self.mode == "big" and self.small_checkpoint is not None:
             raise ConfigError("--small-checkpoint has no effect with --big-only: drop it")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.engine is not None and self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.int8 and self.engine == "torch":
-            raise ConfigError("--int8 is a precision of the onnxruntime engine: give --engine onnxruntime, or drop --int8")
-        if self.engine == "onnxruntime" and (self.beam != 1 or self.precision != "fp32"):
-            raise ConfigError("the onnxruntime engine decodes greedily in fp32 or 8-bit weights: drop --beam/--precision, "
-                              "or use --engine torch")
+        try:  # the API's own check; an int8 without an engine yet is settled by resolve()
+            check_decoding(self.mode, self.beam, self.precision, self.engine,
+                           self.int8 if self.engine is not None else None)
+        except BildOptionError as e:
+            raise ConfigError(str(e)) from None
 
     def resolve(self, spec: PairSpec) -> "Decoding":
         """The mode in effect: the one given; else BiLD when a BiLD option is given; else the

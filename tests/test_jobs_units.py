@@ -352,7 +352,7 @@ def test_the_engine_is_the_given_one_else_the_pairs_measured_default_where_it_fi
     assert runtime(Decoding(int8=False)) == ("onnxruntime", False)
     assert runtime(Decoding(engine="torch")) == ("torch", False)
     assert runtime(Decoding(mode="big", beam=4)) == ("torch", False)  # beam search: torch's
-    with pytest.raises(ConfigError, match="--int8 is a precision of the onnxruntime engine"):
+    with pytest.raises(ConfigError, match="int8 \(8-bit weights\) is a precision of the onnxruntime engine"):
         Decoding(engine="torch", int8=True)
     # a run made before engines existed (torch, fp32) keeps its configuration hash
     torch_fp32 = _config(decoding=Decoding(mode="big", engine="torch", int8=False))
@@ -376,9 +376,9 @@ def test_precision_is_hashed_and_work_directories_from_before_it_resume(tmp_path
         loaded = RunConfig.load(tmp_path / "config.json")
         assert loaded.decoding.precision == precision and loaded.hash == hashes[precision]
     assert fp16.hashed()["decoding"]["fp16"] is True
-    with pytest.raises(ConfigError, match="--precision must be one of fp32, fp16, bf16, got 'fp64'"):
+    with pytest.raises(ConfigError, match="precision must be one of fp32, fp16, bf16, got 'fp64'"):
         Decoding(precision="fp64")
-    with pytest.raises(ConfigError, match="drop --beam/--precision"):
+    with pytest.raises(ConfigError, match="use engine torch for beam search, fp16 and bf16"):
         Decoding(engine="onnxruntime", precision="bf16")
 
 

@@ -3,6 +3,7 @@ filled, exact mode and the big-only loop equal to stock fairseq. Speed numbers a
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from jobs.tuning.agreement import agreement
 from jobs.tuning.bench import Suite, bench
 from jobs.tuning.benchreport import BEGIN, END, update_section
 from jobs.tuning.measure import Batching, MeasureError, PairModels, Variant, encode, measure
-from jobs_fixtures import real_lines
+from jobs_fixtures import ROOT, real_lines
 
 pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
 N_LINES = 10
@@ -33,6 +34,7 @@ def run(active_pair, tmp_path_factory):
         "reference": str(write_lines(d / "ref.en", "lohelp.de-en.test.en.xz", N_LINES)),
         "small": [{"checkpoint": None, "tuned": {"fallback_threshold": 0.0, "rollback_threshold": 3.0,
                                                  "max_small_steps": 6}}]}]}))
+    shutil.copy(ROOT / "benchmarks" / "targets.json", d / "targets.json")  # the project's targets, as data
     (d / "BENCHMARKS.md").write_text("# Benchmarks\n\nanalysis written by hand\n")
     out = CliRunner().invoke(bench, [str(suites), "--out", str(d / "out"), "--repeats", "2", "--no-memory",
                                      "--batch", "1", "--batch", "tokens:120",
@@ -170,6 +172,46 @@ def test_markdown_has_every_column_and_the_targets(run):
     assert "--repeats 2" in result["command"] and "suites.json" in result["command"]
     page = (d / "BENCHMARKS.md").read_text()
     assert page.startswith("# Benchmarks\n\nanalysis written by hand\n") and md.strip() in page
+
+
+def test_targets_are_read_from_data_and_checked_as_written():
+    """A hand-made suite: a speed target with a quality budget, the fastest-within-budget pick,
+    identical output, a peer that was not run (no row), a batching that was not measured."""
+    from jobs.tuning.targets import check
+
+    def row(batching, name, seconds, bleu, same=10):
+        return {"batching": batching, "variant": name, "median_seconds": seconds, "scores": {"BLEU": bleu},
+                "same_as_stock": same, "same_as_big": same}
+    variants = [{"name": "stock", "mode": "stock"}, {"name": "big", "mode": "big"},
+                {"name": "fast", "mode": "bild", "exact": False, "engine": "onnxruntime"},
+                {"name": "faster", "mode": "bild", "exact": False, "engine": "onnxruntime"},
+                {"name": "exact", "mode": "bild", "exact": True}, {"name": "ct", "mode": "ct2", "compute_type": "int8"}]
+    rows = [row("batch 1", "stock", 4.0, 20.0), row("batch 1", "big", 3.0, 20.0), row("batch 1", "fast", 2.0, 19.8),
+            row("batch 1", "faster", 1.0, 19.0), row("batch 1", "exact", 2.5, 20.0, same=9), row("batch 1", "ct", 1.5, 20.0)]
+    suite = {"rows": rows, "variants": variants, "lines": 10, "task": "translation"}
+    rules = {"quality_budget": 0.5, "targets": [
+        {"target": "lossy >= {min}x stock at {batching}, {metric} within {budget}", "variants": {"mode": "bild", "exact": False},
+         "vs": "stock", "at": "every", "min": 2.5, "quality": True},
+        {"target": "identical", "variants": {"exact": True}, "same_as": "stock"},
+        {"target": "fastest vs ct2 at {batching}", "fastest_of": {"engine": "onnxruntime"}, "vs": "ct2 int8",
+         "at": ["batch 1", "batch 16"], "min": 1.0},
+        {"target": "vs fp32 peer", "variants": {"name": "big"}, "vs": "ct2 float32", "min": 1.0}]}
+    got = [(t["target"], t["variant"], t["measured"], t["passed"]) for t in check(suite, rules)]
+    assert got == [("lossy >= 2.5x stock at batch 1, BLEU within 0.5", "fast", "2.00x, BLEU -0.20", False),
+                   ("lossy >= 2.5x stock at batch 1, BLEU within 0.5", "faster", "4.00x, BLEU -1.00", False),
+                   ("identical", "exact", "9/10 lines", False),
+                   ("fastest vs ct2 at batch 1", "fast", "0.75x", False)]  # "faster" is over budget; batch 16 not run
+
+
+def test_a_broken_targets_file_stops_the_benchmark_in_one_line(active_pair, tmp_path):
+    suites = tmp_path / "suites.json"
+    suites.write_text(json.dumps({"suites": [{"name": "tiny", "pair": str(active_pair),
+                                              "source": str(write_lines(tmp_path / "s", "lohelp.de-en.test.de.xz", 1)),
+                                              "reference": str(write_lines(tmp_path / "r", "lohelp.de-en.test.en.xz", 1))}]}))
+    (tmp_path / "targets.json").write_text('{"targets": "all of them"}')
+    out = CliRunner().invoke(bench, [str(suites), "--out", str(tmp_path / "out")])
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert f"{tmp_path / 'targets.json'}: expected an object with a 'targets' list" in out.output
 
 
 def test_update_section_replaces_only_the_generated_block(tmp_path):

@@ -353,6 +353,7 @@ def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tupl
           limit: int | None, memory: bool, device: str, threads: int | None, precision: str,
           engine_names: tuple[str, ...], update_markdown: Path | None) -> None:
     from jobs.tuning.benchreport import render, update_section
+    from jobs.tuning.targets import load_targets
 
     try:
         check_precision(precision, device)
@@ -363,9 +364,11 @@ def bench(suites_file: Path, out: Path, only: tuple[str, ...], batch_texts: tupl
         suites = [s for s in suites if not only or s.name in only]
         batchings = [Batching.parse(b) for b in batch_texts]
         command = command_line(click.get_current_context())
+        targets = load_targets(suites_file)  # read first: a broken file stops the run before it starts
         result = run_benchmark(suites, batchings, repeats, limit, device, threads, memory, command,
                                lambda m: click.echo(m, err=True), tuple(ENGINE_CHOICES[n] for n in engine_names),
                                precision)
+        result["targets"] = targets  # the report checks them; kept with the result it was checked on
     except (MeasureError, PairDirError, BildOptionError) as e:
         raise click.ClickException(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)

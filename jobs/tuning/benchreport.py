@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bild_fairseq.scoring import METRICS
-from jobs.tuning.targets import check
+from jobs.tuning.targets import FILE_NAME, check
 
 BEGIN = "<!-- bild-jobs bench: generated section, begin -->"
 END = "<!-- bild-jobs bench: generated section, end -->"
@@ -83,7 +83,7 @@ def _costs_tables(suite: dict) -> list[str]:
     return out
 
 
-def render_suite(suite: dict) -> list[str]:
+def render_suite(suite: dict, targets: dict | None = None) -> list[str]:
     models = ", ".join(f"`{name}` sha256 {digest}…" for name, digest in suite["model_sha256"].items())
     out = [f"### {suite['name']} ({suite['task']}): {suite['lines']} lines of `{Path(suite['source']).name}`, "
            f"pair `{suite['pair']}`", "", f"Models: {models}.", "", *_suite_table(suite), ""]
@@ -96,17 +96,21 @@ def render_suite(suite: dict) -> list[str]:
             + ", ".join(f"{k} {v}" for k, v in suite["pair_bild"].items()) + "):", ""]
     out += _table(["variant", "flags"], [[v["name"], "`" + " ".join(v["run_flags"]) + "`"] for v in suite["variants"]
                                          if v["mode"] != "stock"])
-    out += ["", "Targets:", ""]
+    if targets is None:
+        return out + [""]
+    out += ["", f"Targets ({FILE_NAME}):", ""]
     mark = {True: "met", False: "**MISSED**", None: "not measured"}
     out += _table(["target", "variant", "measured", ""],
-                  [[t["target"], t["variant"], t["measured"], mark[t["passed"]]] for t in check(suite)])
+                  [[t["target"], t["variant"], t["measured"], mark[t["passed"]]] for t in check(suite, targets)])
     return out + [""]
 
 
 def render(result: dict) -> str:
     lines = _run_description(result) + [""]
+    if result.get("targets") is None:
+        lines += [f"No targets checked: no {FILE_NAME} next to the suites file.", ""]
     for suite in result["suites"]:
-        lines += render_suite(suite)
+        lines += render_suite(suite, result.get("targets"))
     return "\n".join(lines)
 
 

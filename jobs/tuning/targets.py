@@ -1,122 +1,114 @@
-"""The speed targets of the open issues (the lean engine, batched BiLD, the fast engine), checked on a suite's
-benchmark result, so that a missed target reads MISSED in the generated table instead of being
-rounded away.
+"""The targets of a benchmark run, checked on a suite's result, so that a missed target reads
+MISSED in the generated table instead of being rounded away. The targets themselves are data
+(``targets.json`` next to the suites file: its "about" says the format); this module only
+reads them.
 
 Ratios are medians of the same run, on the same machine, at the same batching. Quality is
-compared with the big model's at the same batching.
+compared with the torch big model's at the same batching.
 """
 from __future__ import annotations
 
-from bild_fairseq.scoring import PRIMARY_METRIC
-from jobs.tuning.measure import engine_tag
+import json
+from pathlib import Path
 
-EXACT_VS_STOCK_B1 = 1.8
-LOSSY_VS_STOCK_B1 = 2.5
-BIG_LOOP_VS_STOCK_B1 = 1.5
-LOSSY_VS_STOCK_BATCHED = 1.3
-EXACT_VS_STOCK_BATCHED = 1.0
-LOSSY_MAX_DROP = 0.5
-BATCHED = ("batch 16", "max-tokens 4096")
-#: the fast engine (ONNX Runtime) against CTranslate2, batch 1
-EXACT_VS_CT2_FP32_B1 = 1.3
-SUMM_LOSSY_VS_CT2_INT8_B1 = 1.3
+from bild_fairseq.scoring import PRIMARY_METRIC
+from jobs.tuning.measure import MeasureError, engine_tag
+
+FILE_NAME = "targets.json"
+
+
+def load_targets(suites_file: Path) -> dict | None:
+    """The targets next to ``suites_file`` (None when there is no such file)."""
+    path = Path(suites_file).with_name(FILE_NAME)
+    if not path.is_file():
+        return None
+    try:
+        rules = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rules.get("targets"), list) or not isinstance(rules.get("quality_budget"), (int, float)):
+            raise ValueError("expected an object with a 'targets' list and a 'quality_budget' number")
+    except ValueError as e:
+        raise MeasureError(f"{path}: {e}") from None
+    return rules
 
 
 def _target(text: str, variant: str, value: str, passed: bool | None) -> dict:
     return {"target": text, "variant": variant, "measured": value, "passed": passed}
 
 
-def _ratio(rows: dict, batching: str, variant: str, base: str) -> float | None:
-    """How many times faster ``variant`` is than ``base`` (a variant name) at ``batching``."""
-    row, other = rows.get((batching, variant)), rows.get((batching, base))
-    return None if row is None or other is None else other["median_seconds"] / row["median_seconds"]
+def _selects(selector: dict, v: dict) -> bool:
+    defaults = {"engine": "torch", "int8": False, "exact": False}
+    return all(v.get(key, defaults.get(key)) == value for key, value in selector.items())
 
 
-def _faster(rows: dict, batching: str, variant: str, base: str, minimum: float, text: str,
-            metric: str | None = None) -> dict:
-    """``variant`` >= ``minimum`` x ``base``; with ``metric``, also within LOSSY_MAX_DROP of big."""
-    x = _ratio(rows, batching, variant, base)
-    if x is None or (metric and (batching, "big") not in rows):
-        return _target(text, variant, f"{batching}: {variant}, {base} or big not measured", None)
-    if not metric:
-        return _target(text, variant, f"{x:.2f}x", x >= minimum)
-    drop = rows[(batching, "big")]["scores"][metric] - rows[(batching, variant)]["scores"][metric]
-    return _target(text, variant, f"{x:.2f}x, {metric} {-drop:+.2f}", x >= minimum and drop <= LOSSY_MAX_DROP)
+class _Suite:
+    """One suite's rows and variants, and the target checks on them."""
+
+    def __init__(self, suite: dict, budget: float):
+        self.rows = {(r["batching"], r["variant"]): r for r in suite["rows"]}
+        self.variants, self.lines, self.task = suite["variants"], suite["lines"], suite["task"]
+        self.batchings = list(dict.fromkeys(r["batching"] for r in suite["rows"]))
+        self.metric, self.budget = PRIMARY_METRIC[self.task], budget
+        self.peers = {f"ct2 {v['compute_type']}": v["name"] for v in self.variants if v["mode"] == "ct2"}
+
+    def base(self, name: str, v: dict) -> str | None:
+        """The variant name a target's "vs"/"same_as" means for variant ``v`` (None: not run)."""
+        if name == "big (same engine)":
+            return "big" + engine_tag(v.get("engine", "torch"), v.get("int8", False))
+        return self.peers.get(name) if name.startswith("ct2 ") else name
+
+    def drop(self, batching: str, name: str) -> float:
+        """How far ``name``'s quality is below the torch big model's at ``batching``."""
+        return (self.rows[(batching, "big")]["scores"][self.metric]
+                - self.rows[(batching, name)]["scores"][self.metric])
+
+    def faster(self, text: str, name: str, base: str, batching: str, minimum: float, quality: bool) -> dict:
+        row, other = self.rows.get((batching, name)), self.rows.get((batching, base))
+        if row is None or other is None or (quality and (batching, "big") not in self.rows):
+            return _target(text, name, f"{batching}: {name}, {base} or big not measured", None)
+        x = other["median_seconds"] / row["median_seconds"]
+        if not quality:
+            return _target(text, name, f"{x:.2f}x", x >= minimum)
+        drop = self.drop(batching, name)
+        return _target(text, name, f"{x:.2f}x, {self.metric} {-drop:+.2f}", x >= minimum and drop <= self.budget)
+
+    def fastest(self, selector: dict, batching: str) -> str | None:
+        """The fastest selected variant at ``batching`` within the quality budget."""
+        chosen = [v for v in self.variants if _selects(selector, v) and (batching, v["name"]) in self.rows
+                  and (v.get("exact") or v["mode"] == "big" or self.drop(batching, v["name"]) <= self.budget)]
+        return min((v["name"] for v in chosen), key=lambda n: self.rows[(batching, n)]["median_seconds"], default=None)
+
+    def check(self, rule: dict) -> list[dict]:
+        minimum = rule.get("min", 1.0)
+        minimum = minimum[self.task] if isinstance(minimum, dict) else minimum
+        batchings = self.batchings if rule.get("at", "every") == "every" else rule["at"]
+
+        def text(v: dict, batching: str = "") -> str:
+            return rule["target"].format(min=minimum, batching=batching, metric=self.metric, budget=self.budget,
+                                         big=self.base("big (same engine)", v))
+        out = []
+        if "same_as" in rule:
+            for v in (v for v in self.variants if _selects(rule["variants"], v)):
+                key = "same_as_stock" if rule["same_as"] == "stock" else "same_as_big"
+                same = [self.rows[(b, v["name"])].get(key, -1) for b in self.batchings if (b, v["name"]) in self.rows]
+                out.append(_target(text(v), v["name"], f"{min(same, default=0)}/{self.lines} lines",
+                                   bool(same) and min(same) == self.lines))
+            return out
+        if "fastest_of" in rule:
+            for b in batchings:
+                name = self.fastest(rule["fastest_of"], b)
+                base = self.base(rule["vs"], {})
+                if name and base:
+                    out.append(self.faster(text({}, b), name, base, b, minimum, False))
+            return out
+        for v in (v for v in self.variants if _selects(rule["variants"], v)):
+            base = self.base(rule["vs"], v)
+            if base is not None:
+                out += [self.faster(text(v, b), v["name"], base, b, minimum, rule.get("quality", False))
+                        for b in batchings]
+        return out
 
 
-def check(suite: dict) -> list[dict]:
-    """Every target for every BiLD variant (and the big loop) of one suite's result."""
-    rows = {(r["batching"], r["variant"]): r for r in suite["rows"]}
-    metric = PRIMARY_METRIC[suite["task"]]
-    batchings = list(dict.fromkeys(r["batching"] for r in suite["rows"]))
-    peers = {v["compute_type"]: v["name"] for v in suite["variants"] if v["mode"] == "ct2"}
-    out = [_faster(rows, "batch 1", "big", "stock", BIG_LOOP_VS_STOCK_B1,
-                   f"project's big loop >= {BIG_LOOP_VS_STOCK_B1}x stock at batch 1")]
-    for v in (v for v in suite["variants"] if v["mode"] == "bild"):
-        name = v["name"]
-        if v.get("engine", "torch") != "torch":
-            if v["exact"]:  # exact on this engine: equal to the same engine's big-only greedy output
-                same = [rows[(b, name)].get("same_as_big", -1) for b in batchings]
-                out.append(_target(f"output identical to big{_tag(v)} (same engine), every batching", name,
-                                   f"{min(same)}/{suite['lines']} lines", min(same) == suite["lines"]))
-            continue
-        if v["exact"]:
-            same = [rows[(b, name)]["same_as_stock"] for b in batchings]
-            out.append(_target("output identical to stock, every batching", name,
-                               f"{min(same)}/{suite['lines']} lines", min(same) == suite["lines"]))
-            out.append(_faster(rows, "batch 1", name, "stock", EXACT_VS_STOCK_B1,
-                               f"exact: >= {EXACT_VS_STOCK_B1}x stock at batch 1"))
-            out += [_faster(rows, b, name, "stock", EXACT_VS_STOCK_BATCHED,
-                            f"exact: >= {EXACT_VS_STOCK_BATCHED}x stock at {b}") for b in BATCHED]
-            peer, kind = peers.get("float32"), "faster than CTranslate2 fp32"
-        else:
-            out.append(_faster(rows, "batch 1", name, "stock", LOSSY_VS_STOCK_B1,
-                               f"lossy: >= {LOSSY_VS_STOCK_B1}x stock at batch 1, {metric} within "
-                               f"{LOSSY_MAX_DROP} of big", metric))
-            out += [_faster(rows, b, name, "stock", LOSSY_VS_STOCK_BATCHED,
-                            f"lossy: >= {LOSSY_VS_STOCK_BATCHED}x stock at {b}, {metric} within "
-                            f"{LOSSY_MAX_DROP} of big", metric) for b in BATCHED]
-            peer, kind = peers.get("int8"), "faster than CTranslate2 int8 (the line to aim past)"
-        if peer:
-            out += [_faster(rows, b, name, peer, 1.0, f"{kind} at {b}") for b in batchings]
-    return out + engine_targets(suite, rows, metric, peers)
-
-
-def _tag(v: dict) -> str:
-    return engine_tag(v.get("engine", "torch"), v.get("int8", False))
-
-
-def engine_targets(suite: dict, rows: dict, metric: str, peers: dict) -> list[dict]:
-    """The fast engine's targets: ONNX Runtime rows against CTranslate2 at batch 1 and batched,
-    BiLD against the same engine's big-only loop."""
-    ct2_fp32, ct2_int8 = peers.get("float32"), peers.get("int8")
-    ort = [v for v in suite["variants"] if v.get("engine", "torch") == "onnxruntime"]
-    if not ort or not ct2_fp32 or not ct2_int8:
-        return []
-    out = []
-    if any(not v["int8"] for v in ort):
-        out.append(_faster(rows, "batch 1", "big/ort", ct2_fp32, 1.0, "ORT fp32 big-only greedy >= 1.0x CTranslate2 fp32, batch 1"))
-    if any(v["int8"] for v in ort):
-        out.append(_faster(rows, "batch 1", "big/ort8", ct2_int8, 1.0, "ORT 8-bit big-only greedy >= 1.0x CTranslate2 int8, batch 1"))
-    lossy_min = SUMM_LOSSY_VS_CT2_INT8_B1 if suite["task"] == "summarization" else 1.0
-    for v in (v for v in ort if v["mode"] == "bild"):
-        name = v["name"]
-        if v["exact"] and not v["int8"]:
-            out.append(_faster(rows, "batch 1", name, ct2_fp32, EXACT_VS_CT2_FP32_B1,
-                               f"exact on ORT fp32 >= {EXACT_VS_CT2_FP32_B1}x CTranslate2 fp32, batch 1"))
-        if not v["exact"] and v["int8"]:
-            out.append(_faster(rows, "batch 1", name, ct2_int8, lossy_min,
-                               f"lossy on ORT 8-bit >= {lossy_min}x CTranslate2 int8, batch 1, {metric} within "
-                               f"{LOSSY_MAX_DROP} of the fp32 big model", metric))
-        if not v["exact"]:
-            out += [_faster(rows, b, name, "big" + _tag(v), 1.0, f"lossy >= 1.0x the same engine's big-only loop at {b}")
-                    for b in BATCHED]
-    for b in BATCHED:
-        fastest = min((v["name"] for v in ort if (b, v["name"]) in rows and
-                       (v["exact"] or v["mode"] == "big" or
-                        rows[(b, "big")]["scores"][metric] - rows[(b, v["name"])]["scores"][metric] <= LOSSY_MAX_DROP)),
-                      key=lambda n: rows[(b, n)]["median_seconds"], default=None)
-        if fastest:
-            out.append(_faster(rows, b, fastest, ct2_fp32, 1.0,
-                               f"fastest ORT configuration (within {LOSSY_MAX_DROP} {metric}) >= 1.0x CTranslate2 fp32 at {b}"))
-    return out
+def check(suite: dict, rules: dict) -> list[dict]:
+    """Every target of ``rules`` (a targets.json) on one suite's benchmark result."""
+    checked = _Suite(suite, rules["quality_budget"])
+    return [t for rule in rules["targets"] for t in checked.check(rule)]

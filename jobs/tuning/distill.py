@@ -39,7 +39,6 @@ from pathlib import Path
 
 import click
 
-import bild_fairseq
 from bild_fairseq.checkpoints import CheckpointError, export_for_inference, last_interval_checkpoints, model_settings
 from bild_fairseq.config import BildOptionError
 from bild_fairseq.pairdir import PairDirError, PairSpec
@@ -47,6 +46,7 @@ from bild_fairseq.precision import FAIRSEQ_FLAGS, PRECISIONS, check_precision
 from bild_fairseq.scoring import PRIMARY_METRIC
 from jobs.binarize import BinarizeError, binarize
 from jobs.commands import CommandFailed, run_logged
+from jobs.plugin import plugin_dir
 from jobs.collect import CollectError
 from jobs.config import MAX_TOKENS, ConfigError, Decoding
 from jobs.executors.local import LocalExecutor, on_gpu, plan_slots
@@ -59,7 +59,6 @@ from jobs.tuning.shrink import ShrinkError, parse_layers, shrink
 from jobs.workdir import WorkDir, WorkDirError
 from jobs.worker import resolve_device
 
-PLUGIN_DIR = Path(bild_fairseq.__file__).resolve().parent
 FINETUNE = ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr-scheduler", "inverse_sqrt",
             "--warmup-init-lr", "1e-07", "--label-smoothing", "0.1",
             "--no-epoch-checkpoints", "--no-progress-bar", "--log-interval", "50",
@@ -140,7 +139,7 @@ def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options:
     save_dir = workdir / "ckpt"
     cmd = ["fairseq-train", str(bin_dir), "--task", "translation", "--source-lang", spec.source_lang,
            "--target-lang", spec.target_lang, *model_flags(small), "--finetune-from-model", str(small.resolve()),
-           "--user-dir", str(PLUGIN_DIR), "--save-dir", str(save_dir), *FINETUNE, *options]
+           "--user-dir", plugin_dir(), "--save-dir", str(save_dir), *FINETUNE, *options]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     run_logged(cmd, workdir / "train.log", "fairseq-train", env)
     best = save_dir / "checkpoint_best.pt"

@@ -88,7 +88,7 @@ class Variant(BildChoice):
         return [*small, *(["--bild-exact"] if self.exact else []), *_flags(values, names, "--", "--no-"), *engine]
 
     def generate_flags(self, pair_bild: dict) -> list[str]:
-        """The stock ``fairseq-generate --user-dir bild_fairseq`` options of this variant."""
+        """The stock ``fairseq-generate --user-dir $(bild-jobs plugin-dir)`` options of this variant."""
         if self.mode == "ct2":
             return []
         engine = [] if self.engine == "torch" else ["--bild-engine", self.engine, *(["--bild-int8"] if self.int8 else [])]

@@ -103,7 +103,7 @@ if [ "$INSTALL" = 1 ]; then
 fi
 phase env "$BUDGET_ENV" bash -c environment || { tail -n 1 "$OUT/env.log" >&2; exit 1; }
 cat "$OUT/env.log"
-phase tests "$BUDGET_TESTS" "$PYTHON" -m pytest -m cuda -v -s -rs tests/test_cuda.py --junitxml "$OUT/tests.xml"
+phase tests "$BUDGET_TESTS" "$PYTHON" -m pytest -n 0 -m cuda -v -s -rs tests/test_cuda.py --junitxml "$OUT/tests.xml"
 phase bench "$BUDGET_BENCH" "$PYTHON" -m jobs.tuning.bench benchmarks/suites-gpu.json --out "$OUT/bench" \
     --device "$DEVICE" --precision "$PRECISION" --batch 1 --batch 16 --batch 64 --engine torch \
     --repeats 1 "${LIMIT[@]}" "$MEMORY"

@@ -55,10 +55,10 @@ def pairs(deen_slice, summ_slice, tmp_path_factory):
     out = []
     for seed in (0, 1, 2):
         d = make_tiny_pair(deen_slice, tmp_path_factory.mktemp(f"pair{seed}"), seed=seed)
-        out.append((d, raw_lines("lohelp.de-en.test.de.xz", 20)))
+        out.append((d, raw_lines("lohelp.de-en.test.de.xz", 14)))
     d = make_tiny_pair(summ_slice, tmp_path_factory.mktemp("summ"), task="summarization", seed=7,
                        max_source_tokens=80)
-    out.append((d, raw_lines("debdesc.test.src.xz", 20)))
+    out.append((d, raw_lines("debdesc.test.src.xz", 14)))
     return out
 
 

@@ -47,4 +47,3 @@ def spm_checkpoints(tmp_path_factory) -> Path:
 
 # exported ONNX graphs of the tests' throwaway models go to a directory of their own, not the user's cache
 os.environ.setdefault("BILD_ONNX_CACHE", tempfile.mkdtemp(prefix="bild-onnx-tests-"))
-

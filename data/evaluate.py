@@ -70,8 +70,10 @@ def interleaved_step_ms(models: dict[str, torch.nn.Module], rounds: int = 5) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def evaluate(corpus_name: str, pair_dir: Path, limit: int | None, big: Path | None = None) -> dict:
-    """``big``: a checkpoint to evaluate in place of the pair's big model (the small rows stay)."""
+def evaluate(corpus_name: str, pair_dir: Path, limit: int | None, big: Path | None = None,
+             step_rounds: int = 5) -> dict:
+    """``big``: a checkpoint to evaluate in place of the pair's big model (the small rows stay);
+    ``step_rounds``: interleaved rounds of the decoder-step timing."""
     corpus = CORPORA[corpus_name]
     sources = read_lines(corpus.path("test", corpus.src_suffix), limit)
     refs = read_lines(corpus.path("test", corpus.tgt_suffix), limit)
@@ -94,7 +96,7 @@ def evaluate(corpus_name: str, pair_dir: Path, limit: int | None, big: Path | No
             "architecture": {k: getattr(model.cfg if hasattr(model, "cfg") else model.args, k, None) for k in (
                 "encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_embed_dim", "decoder_ffn_embed_dim")},
         }
-    for row, ms in interleaved_step_ms(models).items():
+    for row, ms in interleaved_step_ms(models, step_rounds).items():
         report["models"][row]["decoder_step_ms"] = ms
     big, small = report["models"]["big"], report["models"]["small"]
     report["decoder_macs_ratio"] = big["decoder_macs_per_token"] / small["decoder_macs_per_token"]

@@ -79,10 +79,11 @@ def test_evaluate_reports_every_small_model_of_a_pair(tiny_pair, tmp_path):
     spec = PairSpec.load(pair)
     spec.small = "small-aligned.pt"
     spec.save()
-    report = evaluate("deen", pair, limit=4)
+    report = evaluate("deen", pair, limit=4, step_rounds=1)
     assert {row: m["file"] for row, m in report["models"].items()} == {
         "big": "big.pt", "small": "small-aligned.pt", "small.pt": "small.pt"}
-    assert report["test_lines"] == 4 and report["decoder_macs_ratio"] > 0
+    assert report["test_lines"] == 4 and report["decoder_macs_ratio"] > 0 and report["decoder_step_time_ratio"] > 0
+    assert all(m["decoder_step_ms"] > 0 for m in report["models"].values())  # each model's step was timed
     md = markdown(report, "python data/evaluate.py deen")
     assert "| small (`small-aligned.pt`) |" in md and "| small.pt (`small.pt`) |" in md
 
@@ -92,11 +93,11 @@ def test_evaluate_scores_a_checkpoint_outside_the_pair_as_its_big_model(tiny_pai
     elsewhere = tmp_path / "ckpt" / "checkpoint_best.pt"
     elsewhere.parent.mkdir()
     shutil.copy(tiny_pair / "small.pt", elsewhere)
-    report = evaluate("deen", tiny_pair, limit=4, big=elsewhere)
+    report = evaluate("deen", tiny_pair, limit=4, big=elsewhere, step_rounds=1)
     big, small = report["models"]["big"], report["models"]["small"]
     assert big["file"] == "checkpoint_best.pt" and big["parameters"] == small["parameters"]
     assert big["scores"] == small["scores"]  # the same model decodes the same lines alike
-    assert evaluate("deen", tiny_pair, limit=4)["models"]["big"]["parameters"] != small["parameters"]
+    assert evaluate("deen", tiny_pair, limit=4, step_rounds=1)["models"]["big"]["parameters"] != small["parameters"]
 
 
 def test_distillation_sources_leave_out_text_of_the_held_out_splits():

@@ -194,7 +194,8 @@ def test_fresh_is_refused_while_tasks_of_the_earlier_run_are_in_slurm(slurm_clus
     args = ["run", str(src), "--pair", str(tiny_pair), "-o", str(out), "--workers", "1", "--device", "cpu"]
     assert CliRunner().invoke(main, args).exit_code == 0
     config = wd.config.read_text()
-    job = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--time=5:00", "--mem=100M", "--wrap", "sleep 300"],
+    job = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--time=5:00", "--mem=100M",
+                          "--output", str(tmp_path / "sleep-%A_%a.out"), "--wrap", "sleep 300"],
                          capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
     try:
         (wd.slurm / "jobs.json").write_text(json.dumps([{"job_id": job, "shards": [0, 1], "submitted": 0}]))

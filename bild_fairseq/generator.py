@@ -163,8 +163,7 @@ class BildSequenceGenerator(SequenceGenerator):
         while True:
             iterations += 1
             _, best_lp, best = self._ban(self.small.step(small_cache, torch.tensor([tokens[-1]], device=device),
-                                                         n_read + 1, self.rules, max_len),
-                                         torch.tensor([tokens], device=device), torch.tensor([len(tokens)], device=device))
+                                                         n_read + 1, self.rules, max_len), [tokens], [[len(tokens)]])
             best, best_lp = int(best[0]), float(best_lp[0])
             counts["small_steps"] += 1
             hand_over = fallback(best_lp, run, self.fallback_threshold, self.max_small_steps)
@@ -185,9 +184,8 @@ class BildSequenceGenerator(SequenceGenerator):
             else:
                 lprobs, big_best_lp, big_best = self.big.forward(big_cache, one, feed, torch.tensor([k], device=device),
                                                                  n_read, True, self.rules, max_len)
-            lprobs, big_best_lp, big_best = self._ban(Scores(lprobs, big_best_lp, big_best),
-                                                      torch.tensor([tokens], device=device),
-                                                      torch.arange(start + 1, start + 1 + k, device=device).unsqueeze(0))
+            lprobs, big_best_lp, big_best = self._ban(Scores(lprobs, big_best_lp, big_best), [tokens],
+                                                      [range(start + 1, start + 1 + k)])
             proposals = torch.tensor([tokens[start + 1:] + [self.eos]], device=device)  # the last entry: not checked
             checkable = torch.tensor([[j < k - 1 and start + j < limit for j in range(k)]], device=device)
             cut = min(int(first_rollback(lprobs, proposals, checkable, self.rollback_threshold, self.exact)[0]), k - 1)
@@ -237,8 +235,9 @@ class BildSequenceGenerator(SequenceGenerator):
         s.big_calls, s.big_passes = s.big_calls + calls, s.big_passes + n_max - 1
         return n_max - 1
 
-    def _ban(self, scores: Scores, tokens: Tensor, lengths: Tensor) -> Scores:
-        """--no-repeat-ngram-size on the scores after the prefixes ``tokens[r, :lengths[r(, k)]]``."""
+    def _ban(self, scores: Scores, tokens: Tensor | list, lengths: Tensor | list) -> Scores:
+        """--no-repeat-ngram-size on the scores after the prefixes ``tokens[r, :lengths[r(, k)]]``
+        (tensors, or the one-sentence loop's host lists: nothing is converted when no ban is set)."""
         return block_repeats(scores, tokens, lengths, self.no_repeat_ngram_size) if self.no_repeat_ngram_size \
             else scores
 

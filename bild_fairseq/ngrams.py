@@ -26,11 +26,14 @@ def repeat_bans(tokens: list[int], ends: list[int], size: int) -> list[tuple[int
             for last, token in seen.get(tuple(tokens[end - size + 1:end]), ()) if last < end]
 
 
-def block_repeats(scores: Scores, tokens: Tensor, lengths: Tensor, size: int) -> Scores:
+def block_repeats(scores: Scores, tokens: Tensor | list[list[int]], lengths: Tensor | list[list[int]],
+                  size: int) -> Scores:
     """``scores`` (R, V) or (R, K, V) of the token after each prefix ``tokens[r, :lengths[r(, k)]]``,
-    with the repeating tokens at -inf and the maximum taken again."""
-    ends = lengths.reshape(lengths.size(0), -1).tolist()
-    banned = [(r, j, token) for r, (row, row_ends) in enumerate(zip(tokens.tolist(), ends))
+    with the repeating tokens at -inf and the maximum taken again. ``tokens`` and ``lengths``
+    may be host lists (R rows; lengths R x K): the one-sentence loop keeps its state in lists."""
+    ends = lengths.reshape(lengths.size(0), -1).tolist() if isinstance(lengths, Tensor) else lengths
+    rows = tokens.tolist() if isinstance(tokens, Tensor) else tokens
+    banned = [(r, j, token) for r, (row, row_ends) in enumerate(zip(rows, ends))
               for j, token in repeat_bans(row, row_ends, size)]
     if not banned:
         return scores

@@ -15,7 +15,7 @@ import torch
 import bild_fairseq  # noqa: F401  (installs the checkpoint allow-list and options)
 from bild_fairseq.checkpoints import load_model
 from bild_fairseq.config import DEFAULTS, BildOptionError, check_decoding, check_settings
-from bild_fairseq.pairdir import PairSpec
+from bild_fairseq.pairdir import GENERATION_DEFAULTS, PairSpec
 from bild_fairseq.precision import DTYPES, check_precision
 from bild_fairseq.stats import BildStats
 
@@ -83,7 +83,7 @@ class PairTranslator:
                  "verify_drafting": verify_drafting}
         bild = {**DEFAULTS, **spec.bild, **{k: v for k, v in given.items() if v is not None}}
         check_settings(bild)
-        gen = {"max_len_a": spec.generation.get("max_len_a", 0), "max_len_b": spec.generation.get("max_len_b", 200)}
+        gen = {k: spec.generation.get(k, default) for k, default in GENERATION_DEFAULTS.items()}
         gen.update({k: v for k, v in {"max_len_a": max_len_a, "max_len_b": max_len_b}.items() if v is not None})
         ngram = spec.generation.get("no_repeat_ngram_size", 0) if no_repeat_ngram_size is None else no_repeat_ngram_size
         if ngram:  # fairseq's --no-repeat-ngram-size (0, the default, is left out of the settings)

@@ -34,6 +34,8 @@ TEXT_FORMS = {"moses": ({"lang"}, {"bpe_codes"}), "none": (set(), {"bpe_codes"})
               "sentencepiece": ({"model"}, set())}
 #: the shipped pairs' way to declare Moses + joint BPE on both sides, used when "text" is absent
 LEGACY_TEXT_KEYS = ("moses_source_lang", "moses_target_lang", "bpe", "bpe_codes")
+#: output length limits (a * source + b) where pair.json's "generation" leaves them out
+GENERATION_DEFAULTS = {"max_len_a": 0, "max_len_b": 200}
 
 
 class PairDirError(ValueError):

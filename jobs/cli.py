@@ -339,11 +339,12 @@ def binarize(input_path: Path, pair_dir: Path, destdir: Path, ref: Path | None, 
     except OSError as e:
         raise click.ClickException(_os_error(e)) from None
     from bild_fairseq.config import DEFAULTS, THRESHOLDS
+    from bild_fairseq.pairdir import GENERATION_DEFAULTS
     from jobs.plugin import plugin_dir
 
     # what `bild-jobs run --bild` decodes with: the pair's thresholds and generation settings
     settings = {**{f"bild_{k}": v for k, v in {**DEFAULTS, **spec.bild}.items() if k in THRESHOLDS},
-                "max_len_a": 0, "max_len_b": 200, **spec.generation}
+                **GENERATION_DEFAULTS, **spec.generation}
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
     remove = "sentencepiece" if spec.sides()["target"]["tokenizer"] == "sentencepiece" else "subword_nmt"
     click.echo(f"wrote {destdir}: {len(sources)} lines ({split} split); decode it with\n"

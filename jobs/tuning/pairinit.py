@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from bild_fairseq.config import DEFAULTS, SETTINGS, BildOptionError
-from bild_fairseq.pairdir import PairDirError, PairSpec
+from bild_fairseq.pairdir import GENERATION_DEFAULTS, PairDirError, PairSpec
 from jobs.shards import read_lines
 from jobs.tuning.agreement import pair_agreement
 from jobs.tuning.measure import Batching, MeasureError
@@ -73,7 +73,7 @@ def make(out: Path, big: Path, small: Path, dicts: Path, source_lang: str, targe
     for name, path in files.items():
         shutil.copyfile(path, out / name)
     spec = PairSpec(directory=out, task=task, source_lang=source_lang, target_lang=target_lang, text=forms,
-                    bild=dict(DEFAULTS), generation={"max_len_a": 0, "max_len_b": max_len_b},
+                    bild=dict(DEFAULTS), generation={**GENERATION_DEFAULTS, "max_len_b": max_len_b},
                     run={"mode": "bild", "engine": "torch", "precision": "fp32",
                          "why": "not measured: bild-jobs pair init ran without a dev set (--dev-source/--dev-ref)"})
     spec.save()
@@ -159,7 +159,8 @@ def pair() -> None:
 @click.option("--small-dicts", type=DIRECTORY, help="the small model's own dictionaries: checked equal to --dicts's")
 @click.option("--task", type=click.Choice(["translation", "summarization"]), default="translation",
               show_default=True, help="scores BLEU or ROUGE-L")
-@click.option("--max-len-b", type=click.IntRange(min=1), default=200, show_default=True, help="max output length")
+@click.option("--max-len-b", type=click.IntRange(min=1), default=GENERATION_DEFAULTS["max_len_b"], show_default=True,
+              help="max output length")
 @click.option("--sample", type=FILE, help=f"source lines to check the tokenization on (first {SAMPLE_LINES}) "
               "[--dev-source]")
 @click.option("--dev-source", type=FILE, help="dev source lines: measure agreement and sweep thresholds")

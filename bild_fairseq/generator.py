@@ -2,7 +2,7 @@
 
 Per batch (every sentence keeps its own state; the big model runs only on sentences that need it):
 
-    encode the batch with both encoders
+    encode the batch with both encoders (once, when the small model shares the big encoder)
     while some sentence is unfinished:
         propose (small model): feed each drafting sentence's newest token, take the argmax of
             the next position; fallback policy: confident and under max-small-steps -> keep the
@@ -47,6 +47,7 @@ from bild_fairseq.incremental import DecoderCache
 from bild_fairseq.ngrams import block_repeats
 from bild_fairseq.policies import big_pass_due, fallback, first_rollback
 from bild_fairseq.rules import Scores, SearchRules
+from bild_fairseq.sharing import same_encoder
 from bild_fairseq.stats import BildStats
 
 #: the per-batch counters kept on the device (BildStats fields)
@@ -85,6 +86,8 @@ class BildSequenceGenerator(SequenceGenerator):
         self.small_model = small_model
         self.big = build_engine(models[0], engine, int8, onnx_cache)
         self.small = build_engine(small_model, engine, int8, onnx_cache) if small_model is not None else None
+        #: the small model decodes from the big encoder's output (bild_fairseq.sharing)
+        self.shared_encoder = small_model is not None and same_encoder(models[0], small_model)
         self.fallback_threshold = fallback_threshold
         self.rollback_threshold = rollback_threshold
         self.max_small_steps = max_small_steps
@@ -116,8 +119,10 @@ class BildSequenceGenerator(SequenceGenerator):
             self.rules.to(device)
 
         src_lengths = net_input["src_lengths"]
-        big_cache = self.big.start(src_tokens, src_lengths)
-        small_cache = self.small.start(src_tokens, src_lengths) if self.small is not None else None
+        encoded = self.big.encode(src_tokens, src_lengths)
+        big_cache, small_cache = self.big.start(encoded), None
+        if self.small is not None:
+            small_cache = self.small.start(encoded if self.shared_encoder else self.small.encode(src_tokens, src_lengths))
         state = _BatchState(bsz, int(max_len.max()) + 3, device, self.eos if bos_token is None else bos_token, max_len)
         hypotheses: list[list[dict]] = [[] for _ in range(bsz)]
         if small_cache is None:

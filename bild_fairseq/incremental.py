@@ -10,7 +10,9 @@ same order of operations) over a cache we own:
   buffers grow by doubling, so memory follows the longest output so far, not the length limit;
 * finished sentences leave the batch (:meth:`DecoderCache.select`, like fairseq's cache
   reordering), so the common all-rows call attends over the cache in place, without a gather;
-* cross-attention keys/values are projected once per batch from the encoder output;
+* cross-attention keys/values are projected once per batch from the encoder output
+  (:class:`EncoderOutput`, which a small model that shares the big model's encoder takes from
+  the big model's engine);
 * each call feeds a ragged set of rows with k_r new tokens each (padded to k), with a causal
   mask over the new tokens and full attention to each row's cached ones;
 * masks are additive float tensors (0 or -inf, :func:`additive_mask`), built once per call:
@@ -92,20 +94,32 @@ class DecoderCache:
         return part
 
 
-def cross_attention_kv(decoder: torch.nn.Module, encoder_out: dict) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass
+class EncoderOutput:
+    """What a decoder reads of a batch's sources, whichever engine encoded them."""
+
+    states: Tensor  # (B, S, E) the encoder's last layer
+    source_mask: Tensor  # (B, S) True where the encoder output is real (not padding)
+
+    @classmethod
+    def of(cls, encoder_out: dict) -> "EncoderOutput":
+        """From a fairseq encoder's output dict ((S, B, E) states, padding mask)."""
+        enc = encoder_out["encoder_out"][0]
+        s, b, _ = enc.shape
+        pad = encoder_out["encoder_padding_mask"]
+        source_mask = ~pad[0] if len(pad) > 0 else torch.ones(b, s, dtype=torch.bool, device=enc.device)
+        return cls(enc.transpose(0, 1), source_mask)
+
+
+def cross_attention_kv(decoder: torch.nn.Module, states: Tensor) -> tuple[Tensor, Tensor]:
     """Every decoder layer's cross-attention keys and values, projected once from the encoder
-    output: (L, B, H, S, Dh) each, and the (B, S) source mask (True where not padding)."""
-    enc = encoder_out["encoder_out"][0]  # (S, B, E_enc)
-    s, b, _ = enc.shape
-    pad = encoder_out["encoder_padding_mask"]
-    source_mask = ~pad[0] if len(pad) > 0 else torch.ones(b, s, dtype=torch.bool, device=enc.device)
-    enc = enc.transpose(0, 1)
+    states (B, S, E): (L, B, H, S, Dh) each."""
     keys, values = [], []
     for layer in decoder.layers:
         attn = layer.encoder_attn
-        keys.append(_heads(attn.k_proj(enc), attn.num_heads))
-        values.append(_heads(attn.v_proj(enc), attn.num_heads))
-    return torch.stack(keys), torch.stack(values), source_mask
+        keys.append(_heads(attn.k_proj(states), attn.num_heads))
+        values.append(_heads(attn.v_proj(states), attn.num_heads))
+    return torch.stack(keys), torch.stack(values)
 
 
 def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -175,13 +189,16 @@ class IncrementalDecoder:
             self._positions = embed(fake)[0].detach()
         return self._positions
 
-    def start(self, encoder_out: dict, capacity: int = 32) -> DecoderCache:
+    def start(self, encoded: EncoderOutput | dict, capacity: int = 32) -> DecoderCache:
         """Project cross-attention keys/values once and allocate an empty self-attention cache
-        (``capacity`` tokens per sentence to begin with; it grows as needed)."""
-        cross_k, cross_v, source_mask = cross_attention_kv(self.decoder, encoder_out)
+        (``capacity`` tokens per sentence to begin with; it grows as needed). ``encoded``: an
+        :class:`EncoderOutput` or a fairseq encoder's output dict."""
+        if isinstance(encoded, dict):
+            encoded = EncoderOutput.of(encoded)
+        cross_k, cross_v = cross_attention_kv(self.decoder, encoded.states)
         sa = self.decoder.layers[0].self_attn
         self._position_table(capacity, cross_k)
-        return DecoderCache.empty(cross_k, cross_v, source_mask, sa.num_heads, sa.head_dim, capacity)
+        return DecoderCache.empty(cross_k, cross_v, encoded.source_mask, sa.num_heads, sa.head_dim, capacity)
 
     def forward(self, cache: DecoderCache, rows: Tensor, tokens: Tensor, counts: Tensor,
                 visible: int | None = None, all_rows: bool | None = None) -> Tensor:

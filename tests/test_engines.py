@@ -1,5 +1,6 @@
 """The ONNX Runtime engine against the torch engine (the reference) on tiny random models:
 export round trip, cache mechanics, row independence, exact mode == the engine's own greedy."""
+import copy
 import logging
 import math
 import sys
@@ -13,6 +14,7 @@ from bild_fairseq.engines.ort_engine import OrtEngine
 from bild_fairseq.engines.torch_engine import TorchEngine
 from bild_fairseq.generator import BildSequenceGenerator
 from bild_fairseq.rules import SearchRules
+from bild_fairseq.sharing import same_encoder
 from jobs.tuning.ties import NOISE, first_divergence_gaps
 from test_generator import decode_all, encode, raw_lines
 from tiny import DECODERS, random_checkpoint, random_model, with_project_in
@@ -74,7 +76,7 @@ def test_exported_graphs_equal_the_torch_engine(models, decoder):
     for engine in (TorchEngine(model), OrtEngine(model)):
         assert not model.training  # exporting left the model as it was (dropout off)
         with torch.no_grad():
-            cache = engine.start(src, lengths, capacity=2)  # grows as tokens arrive
+            cache = engine.start(engine.encode(src, lengths), capacity=2)  # grows as tokens arrive
             first = engine.forward(cache, torch.arange(3), prev[:, :6], torch.tensor([6, 2, 6]), 6, True, rules, big)
             engine.forward(cache, torch.arange(3), torch.randint(4, 200, (3, 3)), torch.full((3,), 3), 9, True,
                            rules, big)  # rejected tokens
@@ -105,11 +107,11 @@ def test_rows_do_not_depend_on_their_batch_mates(models):
     big = torch.full((3,), 1000)
     for int8 in (False, True):
         engine = OrtEngine(model, int8=int8)
-        cache = engine.start(src, lengths)
+        cache = engine.start(engine.encode(src, lengths))
         together = engine.forward(cache, torch.arange(3), prev[:, :5], torch.full((3,), 5), 5, True, rules, big)
         step_together = engine.step(cache, prev[:, 5], 6, rules, big)
         for r in range(3):
-            cache = engine.start(src[r:r + 1], lengths[r:r + 1])  # alone, with the padding its batch gave it
+            cache = engine.start(engine.encode(src[r:r + 1], lengths[r:r + 1]))  # alone, with the padding its batch gave it
             alone = engine.forward(cache, torch.arange(1), prev[r:r + 1, :5], torch.tensor([5]), 5, True, rules, big[:1])
             # the same tokens fed as a 2-token then a 3-token pass
             assert torch.equal(alone.lprobs[0], together.lprobs[r]), (int8, r)
@@ -127,10 +129,10 @@ def test_a_token_scores_the_same_in_a_step_and_in_any_pass(models, int8):
     engine = OrtEngine(model, int8=int8)
     for rows in (1, 2, 3):
         s, n, p, big = src[:rows], lengths[:rows], prev[:rows, :9], torch.full((rows,), 1000)
-        cache = engine.start(s, n)
+        cache = engine.start(engine.encode(s, n))
         steps = torch.stack([engine.step(cache, p[:, j], j + 1, rules, big).lprobs for j in range(9)], 1)
         for split in ((9,), (4, 5), (1, 3, 5), (2, 2, 2, 3)):
-            cache, at, passes = engine.start(s, n), 0, []
+            cache, at, passes = engine.start(engine.encode(s, n)), 0, []
             for k in split:
                 passes.append(engine.forward(cache, torch.arange(rows), p[:, at:at + k], torch.full((rows,), k),
                                              at + k, True, rules, big).lprobs)
@@ -146,7 +148,7 @@ def test_int8_weights_stay_close_to_fp32(models):
     out = {}
     for int8 in (False, True):
         engine = OrtEngine(model, int8=int8)
-        out[int8] = engine.forward(engine.start(src, lengths), torch.arange(3), prev, torch.full((3,), 11), 11, True,
+        out[int8] = engine.forward(engine.start(engine.encode(src, lengths)), torch.arange(3), prev, torch.full((3,), 11), 11, True,
                                    rules, big).lprobs
     probs = [o.exp() for o in out.values()]  # exp(-inf) = 0 for the banned tokens
     assert (probs[0] - probs[1]).abs().max() < 0.05  # 8-bit weights move probabilities a little
@@ -252,3 +254,34 @@ def test_the_api_decodes_on_the_engine_it_records(tiny_pair):
             assert sum(a == b for a, b in zip(got.hypotheses, want)) >= len(lines) - 1
     with pytest.raises(BildOptionError, match="decodes greedily with fp32 models"):
         PairTranslator.from_pair_dir(tiny_pair, mode="big", engine="onnxruntime", precision="bf16")
+
+
+@pytest.mark.parametrize("engine, int8", [("torch", False), ("onnxruntime", False), ("onnxruntime", True)])
+def test_a_small_model_sharing_the_big_encoder_decodes_from_its_output(pair_models, engine, int8):
+    """A small model whose encoder is the big model's (bild-jobs distill --share-encoder) is
+    recognised by its weights; its encoder then never runs, its decoder reads the big encoder's
+    output, and nothing changes but the cost: exact mode is the big model's greedy, lossy mode
+    gives what the small model's own encoder copy gives."""
+    big, small, sources = pair_models
+    model, tgt = big.generator.model.single_model, big.task.target_dictionary
+    shared = copy.deepcopy(small)
+    shared.encoder = copy.deepcopy(model.encoder)  # the tiny pair's encoders are equally wide
+    assert same_encoder(model, shared) and not same_encoder(model, small)
+    runtime = {"engine": engine, "int8": int8, "beam_size": 1, "max_len_b": 40}
+    greedy = decode_all(BildSequenceGenerator([model], tgt, **runtime), sources, 1)
+    lossy = {"fallback_threshold": 0.0, "max_small_steps": 4, "rollback_threshold": 2.0}
+    for exact, settings in ((True, {"fallback_threshold": 0.0, "max_small_steps": 5}), (False, lossy)):
+        gen = BildSequenceGenerator([model], tgt, small_model=shared, exact=exact, **settings, **runtime)
+        assert gen.shared_encoder
+        gen.small.encode = None  # never called: the small decoder starts from the big encoder's output
+        outputs = [decode_all(gen, sources, size) for size in (1, 7)]
+        assert gen.stats.small_tokens > 0
+        if exact:
+            assert outputs == [greedy, greedy]
+        else:
+            own = BildSequenceGenerator([model], tgt, small_model=shared, exact=exact, **settings, **runtime)
+            own.shared_encoder = False  # the small model's own copy of the encoder runs
+            assert [decode_all(own, sources, size) for size in (1, 7)] == outputs
+    with torch.no_grad():
+        next(shared.encoder.parameters()).view(-1)[0] += 1e-3
+    assert not same_encoder(model, shared)  # one weight differs: its own encoder runs

@@ -1,7 +1,7 @@
 """Runtimes that run one model for the BiLD loop, behind one interface (:mod:`.base`).
 
 ``torch`` (the reference: the checkpoint's own modules, any device and dtype) and
-``onnxruntime`` (the model exported as two graphs, fp32 or 8-bit weights, CPU).
+``onnxruntime`` (the model exported as three graphs, fp32 or 8-bit weights, CPU).
 """
 from __future__ import annotations
 

@@ -4,7 +4,10 @@ The BiLD loop (:mod:`bild_fairseq.generator`) drives two models through this int
 never learns which runtime runs them, as the runner drives executors without knowing where the
 workers run. An engine owns the model's encoder and a key/value cache of its decoder:
 
-* ``start`` encodes a batch of sources and returns an empty :class:`DecoderCache`;
+* ``encode`` runs the encoder over a batch of sources (:class:`EncoderOutput`);
+* ``start`` projects an encoder output for the decoder and returns an empty
+  :class:`DecoderCache`; the encoder output may come from another engine's ``encode``: a small
+  model that shares the big model's encoder decodes from the big model's (its encoder never runs);
 * ``step`` feeds exactly one new token per sentence (the common case: small-model proposals,
   big-only greedy) and returns the log-distributions of the next tokens;
 * ``forward`` feeds a ragged set of rows ``k_r >= 1`` new tokens each in one pass (the big
@@ -25,7 +28,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from bild_fairseq.incremental import DecoderCache
+from bild_fairseq.incremental import DecoderCache, EncoderOutput
 from bild_fairseq.rules import Scores, SearchRules
 
 
@@ -37,8 +40,12 @@ class Engine(Protocol):
     #: "fp32", "int8" (8-bit weights), or the torch model's dtype
     precision: str
 
-    def start(self, src_tokens: Tensor, src_lengths: Tensor, capacity: int = 32) -> DecoderCache:
-        """Encode left-padded sources (B, S); an empty cache with room for ``capacity`` tokens."""
+    def encode(self, src_tokens: Tensor, src_lengths: Tensor) -> EncoderOutput:
+        """Encode left-padded sources (B, S)."""
+        ...
+
+    def start(self, encoded: EncoderOutput, capacity: int = 32) -> DecoderCache:
+        """An empty cache for decoding ``encoded``, with room for ``capacity`` tokens."""
         ...
 
     def step(self, cache: DecoderCache, tokens: Tensor, visible: int, rules: SearchRules, max_len: Tensor) -> Scores:

@@ -1,7 +1,9 @@
-"""Export a fairseq transformer as two ONNX graphs, and keep them in a cache keyed by its weights.
+"""Export a fairseq transformer as three ONNX graphs, and keep them in a cache keyed by its weights.
 
-* ``encoder.onnx``: ``src_tokens`` (B, S) -> every decoder layer's cross-attention keys and
-  values (L, B, H, S, Dh) and the source mask (B, S);
+* ``encoder.onnx``: ``src_tokens`` (B, S) -> the encoder states (B, S, E) and the source mask (B, S);
+* ``cross.onnx``: encoder states -> every decoder layer's cross-attention keys and values
+  (L, B, H, S, Dh), apart from the encoder so that a small model sharing the big model's
+  encoder projects the big model's states;
 * ``decoder.onnx``: ``tokens`` (R, K) fed at slots ``start`` (R,) + 0..K-1, the cached
   self-attention keys/values (L, R, H, T, Dh), the cross-attention ones, the source mask and the
   search rules (``bias`` (V,), ``min_len`` (), ``max_len`` (R,); :func:`~bild_fairseq.rules.constrain`)
@@ -34,13 +36,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bild_fairseq.incremental import IncrementalDecoder, additive_mask, cross_attention_kv
+from bild_fairseq.incremental import EncoderOutput, IncrementalDecoder, additive_mask, cross_attention_kv
 from bild_fairseq.rules import constrain
+from bild_fairseq.sharing import structure
 
 logger = logging.getLogger("bild_fairseq")
 
 #: bump when the graphs' inputs, outputs or math change: older cached graphs are not reused
-GRAPH_VERSION = 3
+GRAPH_VERSION = 4
 OPSET = 17
 #: MatMulNBits settings (the kernel probe: block 128 with accuracy_level 4 is the fast,
 #: row-independent choice on AVX2; accuracy_level 0 is 10x slower)
@@ -63,22 +66,34 @@ def model_digest(model: torch.nn.Module) -> str:
     settings that are not weights (embedding scales, pre-/post-norm, padding index)."""
     h = hashlib.sha256(f"graph v{GRAPH_VERSION}|{model}".encode())
     for part in (model.encoder, model.decoder):
-        layers = [getattr(layer, "normalize_before", None) for layer in part.layers]
-        h.update(f"|{getattr(part, 'embed_scale', None)}|{part.padding_idx}|{part.max_positions()}|{layers}".encode())
+        h.update(structure(part).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-class EncoderGraph(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.encoder, self.decoder = model.encoder, model.decoder
+GRAPHS = ("encoder.onnx", "cross.onnx", "decoder.onnx")
 
-    def forward(self, src_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+
+class EncoderGraph(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, src_tokens: Tensor) -> tuple[Tensor, Tensor]:
         lengths = src_tokens.ne(self.encoder.padding_idx).long().sum(1)
-        return cross_attention_kv(self.decoder, self.encoder(src_tokens, src_lengths=lengths))
+        encoded = EncoderOutput.of(self.encoder(src_tokens, src_lengths=lengths))
+        return encoded.states, encoded.source_mask
+
+
+class CrossGraph(torch.nn.Module):
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        return cross_attention_kv(self.decoder, states)
 
 
 class DecoderGraph(torch.nn.Module):
@@ -116,11 +131,11 @@ class DecoderGraph(torch.nn.Module):
 
 
 def graphs(model: torch.nn.Module, int8: bool, cache_dir: str | Path | None = None) -> tuple[Path, float | None]:
-    """The directory holding ``model``'s encoder.onnx and decoder.onnx at this precision,
-    exported on first use; and the export's seconds (None when the cache had them)."""
+    """The directory holding ``model``'s graphs (:data:`GRAPHS`) at this precision, exported on
+    first use; and the export's seconds (None when the cache had them)."""
     digest = model_digest(model)
     folder = Path(cache_dir or default_cache_dir()) / f"{digest[:24]}-{'int8' if int8 else 'fp32'}"
-    if (folder / "decoder.onnx").is_file() and (folder / "encoder.onnx").is_file():
+    if all((folder / name).is_file() for name in GRAPHS):
         return folder, None
     began = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +156,7 @@ def graphs(model: torch.nn.Module, int8: bool, cache_dir: str | Path | None = No
 
 
 def export(model: torch.nn.Module, out: Path, int8: bool) -> None:
-    """Write ``out``/encoder.onnx and ``out``/decoder.onnx for a float32 CPU model."""
+    """Write ``out``/:data:`GRAPHS` for a float32 CPU model."""
     param = next(model.parameters())
     if param.dtype != torch.float32 or param.device.type != "cpu":
         raise ExportError(f"the ONNX Runtime engine exports float32 CPU models; this one is {param.dtype} on "
@@ -152,15 +167,18 @@ def export(model: torch.nn.Module, out: Path, int8: bool) -> None:
     src[0, :2] = pad
     layers, sa = len(model.decoder.layers), model.decoder.layers[0].self_attn
     with torch.no_grad():
-        cross_k, cross_v, mask = EncoderGraph(model)(src)
+        states, mask = EncoderGraph(model.encoder)(src)
+        cross_k, cross_v = CrossGraph(model.decoder)(states)
         past = torch.zeros(layers, 2, sa.num_heads, 8, sa.head_dim)
         vocab = len(model.decoder.dictionary)
         dec_inputs = (torch.full((2, 3), 5, dtype=torch.long), torch.tensor([2, 4]), past, past.clone(),
                       cross_k, cross_v, mask, torch.zeros(vocab), torch.tensor(1), torch.tensor([200, 200]))
-        _onnx(EncoderGraph(model), (src,), out / "encoder.onnx", ["src_tokens"],
-              ["cross_k", "cross_v", "source_mask"],
-              {"src_tokens": {0: "batch", 1: "source"}, "cross_k": {1: "batch", 3: "source"},
-               "cross_v": {1: "batch", 3: "source"}, "source_mask": {0: "batch", 1: "source"}})
+        _onnx(EncoderGraph(model.encoder), (src,), out / "encoder.onnx", ["src_tokens"], ["states", "source_mask"],
+              {"src_tokens": {0: "batch", 1: "source"}, "states": {0: "batch", 1: "source"},
+               "source_mask": {0: "batch", 1: "source"}})
+        _onnx(CrossGraph(model.decoder), (states,), out / "cross.onnx", ["states"], ["cross_k", "cross_v"],
+              {"states": {0: "batch", 1: "source"}, "cross_k": {1: "batch", 3: "source"},
+               "cross_v": {1: "batch", 3: "source"}})
         _onnx(DecoderGraph(model.decoder), dec_inputs, out / "decoder.onnx",
               ["tokens", "start", "self_k", "self_v", "cross_k", "cross_v", "source_mask", "bias", "min_len",
                "max_len"],
@@ -171,7 +189,7 @@ def export(model: torch.nn.Module, out: Path, int8: bool) -> None:
                "max_len": {0: "rows"}, "lprobs": {0: "rows", 1: "new"}, "best_lp": {0: "rows", 1: "new"},
                "best": {0: "rows", 1: "new"}, "new_k": {1: "rows", 3: "new"}, "new_v": {1: "rows", 3: "new"}})
     if int8:
-        for name in ("encoder.onnx", "decoder.onnx"):
+        for name in GRAPHS:
             quantize_weights(out / name)
 
 

@@ -1,5 +1,6 @@
-"""The ONNX Runtime engine: the model's encoder and decoder as two exported graphs
-(:mod:`bild_fairseq.engines.onnx_export`), one ``run`` per model call, on the CPU.
+"""The ONNX Runtime engine: the model's encoder, cross-attention projections and decoder as
+three exported graphs (:mod:`bild_fairseq.engines.onnx_export`), one ``run`` per model call, on
+the CPU.
 
 The cache is the torch engine's :class:`DecoderCache`; its tensors are handed to ONNX Runtime
 as numpy views (no copy), and the graph returns the new tokens' keys/values, which are written
@@ -13,7 +14,8 @@ and its 8-bit MatMulNBits kernel (accuracy_level 4) computes rows in pairs, an u
 rounding differently, so with 8-bit weights every call feeds an even number of token rows. The
 extra tokens are scratch: they follow the real ones (the causal mask hides them), their
 outputs are dropped and their cache slots lie past the sentence's length. For 8-bit sources
-the encoder gets one more padding column where needed. Cost: a one-token step computes two
+the encoder (and the cross-attention projections, given states of an odd size) get one more
+padding column where needed. Cost: a one-token step computes two
 rows (measured in BENCHMARKS.md, "Engines").
 """
 from __future__ import annotations
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bild_fairseq.engines.onnx_export import graphs
-from bild_fairseq.incremental import DecoderCache
+from bild_fairseq.engines.onnx_export import GRAPHS, graphs
+from bild_fairseq.incremental import DecoderCache, EncoderOutput
 from bild_fairseq.rules import Scores, SearchRules
 
 
@@ -45,7 +47,7 @@ class OrtEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # warnings about unused initializers are not the user's business
         session = lambda name: ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
-        self.encoder, self.decoder = session("encoder.onnx"), session("decoder.onnx")
+        self.encoder, self.cross, self.decoder = (session(name) for name in GRAPHS)
         attn = model.decoder.layers[0].self_attn
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
         self.eos = model.decoder.dictionary.eos()
@@ -53,11 +55,19 @@ class OrtEngine:
         self.pad = model.encoder.padding_idx
         self._rules: tuple[SearchRules, dict] | None = None
 
-    def start(self, src_tokens: Tensor, src_lengths: Tensor, capacity: int = 32) -> DecoderCache:
+    def encode(self, src_tokens: Tensor, src_lengths: Tensor) -> EncoderOutput:
         if self.even_rows and src_tokens.numel() % 2:  # one more padding column (masked everywhere)
             src_tokens = torch.cat([src_tokens, src_tokens.new_full((src_tokens.size(0), 1), self.pad)], dim=1)
-        cross_k, cross_v, mask = self.encoder.run(None, {"src_tokens": src_tokens.cpu().numpy()})
-        return DecoderCache.empty(torch.from_numpy(cross_k), torch.from_numpy(cross_v), torch.from_numpy(mask),
+        states, mask = self.encoder.run(None, {"src_tokens": src_tokens.cpu().numpy()})
+        return EncoderOutput(torch.from_numpy(states), torch.from_numpy(mask))
+
+    def start(self, encoded: EncoderOutput, capacity: int = 32) -> DecoderCache:
+        states, mask = encoded.states, encoded.source_mask
+        if self.even_rows and mask.numel() % 2:  # states from another engine: pad as encode does
+            states = torch.cat([states, states.new_zeros(states.size(0), 1, states.size(2))], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(mask.size(0), 1)], dim=1)
+        cross_k, cross_v = self.cross.run(None, {"states": np.ascontiguousarray(states.cpu().numpy())})
+        return DecoderCache.empty(torch.from_numpy(cross_k), torch.from_numpy(cross_v), mask.cpu(),
                                   self.heads, self.head_dim, capacity)
 
     def step(self, cache: DecoderCache, tokens: Tensor, visible: int, rules: SearchRules, max_len: Tensor) -> Scores:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bild_fairseq.incremental import DecoderCache, IncrementalDecoder
+from bild_fairseq.incremental import DecoderCache, EncoderOutput, IncrementalDecoder
 from bild_fairseq.precision import precision_of
 from bild_fairseq.rules import Scores, SearchRules
 
@@ -19,9 +19,12 @@ class TorchEngine:
         self.decoder = IncrementalDecoder(model.decoder)
         self.precision = precision_of(model)
 
-    def start(self, src_tokens: Tensor, src_lengths: Tensor, capacity: int = 32) -> DecoderCache:
-        encoder_out = self.model.encoder.forward_torchscript({"src_tokens": src_tokens, "src_lengths": src_lengths})
-        return self.decoder.start(encoder_out, capacity)
+    def encode(self, src_tokens: Tensor, src_lengths: Tensor) -> EncoderOutput:
+        return EncoderOutput.of(self.model.encoder.forward_torchscript({"src_tokens": src_tokens,
+                                                                         "src_lengths": src_lengths}))
+
+    def start(self, encoded: EncoderOutput, capacity: int = 32) -> DecoderCache:
+        return self.decoder.start(encoded, capacity)
 
     def step(self, cache: DecoderCache, tokens: Tensor, visible: int, rules: SearchRules, max_len: Tensor) -> Scores:
         step = cache.length.clone()

@@ -54,7 +54,7 @@ def pass_costs(models: PairModels, source: torch.Tensor, engines=tuple(ENGINES),
             runtime = build_engine(model, engine, int8)
             row = out.setdefault(f"{ENGINES[engine, int8]} {name}", {})
             with torch.no_grad():
-                cache = runtime.start(src, lengths, 64)
+                cache = runtime.start(runtime.encode(src, lengths), 64)
                 runtime.forward(cache, index, tokens(20), torch.full((rows,), 20, device=device), 20, True, rules,
                                 max_len)
                 calls = {f"forward k={k}": (lambda k=k: runtime.forward(

@@ -140,6 +140,19 @@ def export_for_inference(src: Path | Sequence[Path], dst: Path, fp16: bool = Tru
     # weights-only loads, with the fairseq allow-list
     states = [torch.load(path, map_location="cpu") for path in sources]
     model = average_states([s["model"] for s in states])  # the mean of one is that one, exactly
+    cfg = states[-1]["cfg"]
+    _stock_architecture(model_settings(cfg["model"]))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(inference_state(states[-1]["cfg"], model, fp16), dst)
+    torch.save(inference_state(cfg, model, fp16), dst)
     return dst
+
+
+def _stock_architecture(model_cfg: MutableMapping) -> None:
+    """A model trained with a plugin-only architecture whose weights are a stock one's is shipped
+    as the stock one, so that stock fairseq loads it (``transformer_frozen_encoder``)."""
+    from bild_fairseq.frozen_encoder import ARCH
+
+    if model_cfg.get("arch") == ARCH:
+        model_cfg["arch"] = "transformer"
+    if model_cfg.get("_name") == ARCH:
+        model_cfg["_name"] = "transformer"

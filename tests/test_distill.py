@@ -1,5 +1,6 @@
 """``bild-jobs distill`` end to end on a tiny pair and a 40-line slice: the big model's outputs come
-from the batch runner, fairseq-train fine-tunes the small model, the report compares both."""
+from the batch runner, fairseq-train trains a student on them (the small model's decoder on the
+big model's frozen encoder), the report compares it with the small model."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,8 @@ def test_distillation_end_to_end(tiny_pair, tmp_path):
     out = CliRunner().invoke(distill, [
         "--pair", str(pair), "--train-source", str(train), "--dev-source", str(dev), "--dev-ref", str(dev_ref),
         "--workdir", str(work), "--limit", str(N_TRAIN), "--device", "cpu", "--max-update", "4",
-        "--warmup-updates", "1", "--lr", "0.01", "--dropout", "0", "--eval-limit", "8", "--install"])
+        "--warmup-updates", "1", "--lr", "0.01", "--dropout", "0", "--eval-limit", "8", "--install",
+        "--share-encoder", "--decoder-layers", "2"])
     assert out.exit_code == 0, out.output + out.stderr + repr(out.exception)
 
     # 1. the runner decoded the first N_TRAIN training lines with the big model alone
@@ -40,27 +42,40 @@ def test_distillation_end_to_end(tiny_pair, tmp_path):
     dev_teacher = big.translate(dev.read_text().splitlines()).hypotheses
     assert (work / "dev-teacher.out").read_text().splitlines() == dev_teacher
     pipeline = big.spec.text_pipeline()
-    assert (work / "bpe" / "valid.en").read_text().splitlines() == [pipeline.encode(t, target=True)
+    own = work / "small-aligned"  # the student's steps 2 and 3
+    assert (own / "bpe" / "valid.en").read_text().splitlines() == [pipeline.encode(t, target=True)
                                                                      for t in dev_teacher if t.strip()]
 
-    # 2. fairseq-train fine-tuned the pair's small model (same architecture) on those outputs
-    log = (work / "train.log").read_text()
-    assert "loading pretrained model from" in log and "num_updates 4" in log
-    before = torch.load(pair / "small.pt")["model"]
-    after = torch.load(work / "small-aligned.pt")["model"]
-    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
-    assert any(not before[k].half().equal(after[k]) for k in before)  # exported in fp16: compare in fp16
+    # 2. fairseq-train trained the small model's decoder, its last layer repeated to 2, on the big
+    # model's encoder, frozen, on those outputs; the student ships as a stock transformer
+    log = (own / "train.log").read_text()
+    assert "loading pretrained model from" in log and "num_updates 4" in log and "transformer_frozen_encoder" in log
+    small, teacher = (torch.load(pair / name)["model"] for name in ("small.pt", "big.pt"))
+    student = torch.load(work / "small-aligned.pt")
+    after = student["model"]
+    assert model_settings(student["cfg"]["model"])["arch"] == "transformer"
+    encoder = [k for k in after if k.startswith("encoder.")]
+    assert encoder == [k for k in teacher if k.startswith("encoder.")]
+    trained = torch.load(own / "ckpt" / "checkpoint_best.pt")["model"]
+    assert all(trained[k].equal(teacher[k].float()) for k in encoder)  # frozen while training
+    assert all(after[k].equal(teacher[k]) for k in encoder)  # shipped as the teacher stores it
+    decoder = {k: v.shape for k, v in small.items() if k.startswith("decoder.")}
+    assert {k: after[k].shape for k in decoder} == decoder
+    assert {k.replace(".layers.1.", ".layers.0.") for k in after if k.startswith("decoder.layers.1.")} == \
+        {k for k in decoder if ".layers.0." in k}
+    assert any(not small[k].half().equal(after[k]) for k in decoder)  # trained
     dropout = [model_settings(torch.load(p)["cfg"]["model"])["dropout"] for p in (pair / "small.pt", work / "small-aligned.pt")]
     assert dropout == [0.1, 0.0]  # --dropout overrode the small model's own
     assert (pair / "small-aligned.pt").read_bytes() == (work / "small-aligned.pt").read_bytes()  # --install
+    assert PairTranslator.from_pair_dir(pair, small_checkpoint="small-aligned.pt").generator.shared_encoder
 
     # 3. the report compares both small models in the benchmark's format
-    report = json.loads((work / "report.json").read_text())
+    report = json.loads((own / "report.json").read_text())
     assert set(report["agreement"]) == {"small.pt", "small-aligned.pt"}
     assert all(0 <= a <= 1 for a in report["agreement"].values())
     variants = {r["variant"] for r in report["rows"]}
     assert {"stock", "big", "small", "bild-default", "small@small-aligned", "bild-default@small-aligned"} <= variants
-    md = (work / "report.md").read_text()
+    md = (own / "report.md").read_text()
     assert "| small-aligned.pt |" in md and "| small.pt |" in md and "| batching | variant | time (s)" in md
     exact = [r for r in report["rows"] if r["variant"].startswith("bild-exact")]
     assert len(exact) == 2 and all(r["same_as_stock"] == 8 for r in exact)

@@ -9,7 +9,8 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
   2. `fairseq-train` fine-tunes the small model on (source, big output) (with --word-kd, also on
      the big model's next-token distributions), starting from the
      pair's small checkpoint, with the same architecture and dictionaries (or, with
-     --student-layers, from a student made of the big model's own layers); its validation set
+     --student-layers, from a student made of the big model's own layers; with --share-encoder,
+     from the big model's encoder, frozen, and the small model's decoder); its validation set
      is the dev sources with the big model's outputs (what the small model should imitate; the
      references would make the least-aligned checkpoint "best");
   3. the aligned model is compared with the pair's small model on the dev set in the format of
@@ -20,8 +21,11 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
         --dev-source data/corpora/lohelp.de-en.valid.de.xz --dev-ref data/corpora/lohelp.de-en.valid.en.xz \\
         --workdir data/work/deen-distill [--limit 20000] [--max-update 2000] [--install]
         [--student-layers 0/0-3]    # the big decoder's layer 0 and its encoder layers 0-3
+        [--share-encoder [--decoder-layers 2]]   # decoder only, on the big model's encoder
 
-Writes WORKDIR/NAME (--name, default small-aligned.pt), WORKDIR/report.{json,md}; --install copies
+Step 1 is shared by every student distilled in one work directory; steps 2 and 3 run in
+WORKDIR/NAME-STEM/, so several students can train from one teacher decoding at once. Writes
+WORKDIR/NAME (--name, default small-aligned.pt), WORKDIR/NAME-STEM/report.{json,md}; --install copies
 the model into the pair directory (use it with --small-checkpoint NAME). It starts from --from
 (default: pair.json's small model, which in the shipped pairs is already small-aligned.pt: give
 --from small.pt and another --name to distil again). A NAME the pair directory already has is
@@ -55,7 +59,7 @@ from jobs.shards import read_lines
 from jobs.tuning.bench import SmallModel, Suite, run_suite
 from jobs.tuning.benchreport import render_suite
 from jobs.tuning.measure import Batching, MeasureError
-from jobs.tuning.shrink import ShrinkError, parse_layers, shrink
+from jobs.tuning.shrink import ShrinkError, adopt_encoder, graft, parse_layers, shrink
 from jobs.workdir import WorkDir, WorkDirError
 from jobs.worker import resolve_device
 
@@ -133,12 +137,19 @@ def criterion_flags(spec: PairSpec, kd_weight: float) -> list[str]:
             "--kd-weight", str(kd_weight)]
 
 
-def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options: list[str], threads: int | None) -> Path:
-    """Step 2b: fine-tune ``small`` on the distilled data; returns the best checkpoint. Rerun with
-    the same work directory, fairseq resumes from its checkpoint_last.pt."""
+def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options: list[str], threads: int | None,
+             frozen_encoder: bool = False) -> Path:
+    """Step 2b: fine-tune ``small`` on the distilled data (``frozen_encoder``: its decoder only);
+    returns the best checkpoint. Rerun with the same work directory, fairseq resumes from its
+    checkpoint_last.pt."""
+    from bild_fairseq.frozen_encoder import ARCH
+
     save_dir = workdir / "ckpt"
+    arch = model_flags(small)
+    if frozen_encoder:
+        arch[1] = ARCH  # the same weights and settings, trained with the encoder fixed
     cmd = ["fairseq-train", str(bin_dir), "--task", "translation", "--source-lang", spec.source_lang,
-           "--target-lang", spec.target_lang, *model_flags(small), "--finetune-from-model", str(small.resolve()),
+           "--target-lang", spec.target_lang, *arch, "--finetune-from-model", str(small.resolve()),
            "--user-dir", plugin_dir(), "--save-dir", str(save_dir), *FINETUNE, *options]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     run_logged(cmd, workdir / "train.log", "fairseq-train", env)
@@ -148,9 +159,13 @@ def finetune(spec: PairSpec, small: Path, bin_dir: Path, workdir: Path, options:
     return best
 
 
-def student(spec: PairSpec, layers: str | None, workdir: Path, start: str = "small") -> Path:
+def student(spec: PairSpec, layers: str | None, workdir: Path, start: str = "small", share_encoder: bool = False,
+            decoder_layers: int | None = None) -> Path:
     """The model step 2 starts from: the pair's model ``start`` (its small model by default), or
-    (``layers`` "DEC[/ENC]") the big model shrunk to those layers."""
+    (``layers`` "DEC[/ENC]") the big model shrunk to those layers, or (``share_encoder``) the big
+    model's encoder under ``start``'s decoder, its last layer repeated up to ``decoder_layers``."""
+    if share_encoder:
+        return graft(spec.model_path("big"), spec.model_path(start), workdir / "student-init.pt", decoder_layers)
     if layers is None:
         return spec.model_path(start)
     decoder, _, encoder = layers.partition("/")
@@ -248,6 +263,10 @@ def comparison(suite: dict, unaligned: SmallModel, aligned: SmallModel, default_
 @click.option("--student-layers", metavar="DEC[/ENC]",
               help="step 2: start from the big model's own layers instead of the pair's small model: the big "
                    "decoder's layers DEC (e.g. 0 or 0,4) and encoder layers ENC (e.g. 0-1) [whole encoder]")
+@click.option("--share-encoder", is_flag=True, help="step 2: the student is the big model's encoder (frozen: it "
+              "runs once for both models when decoding) under the --from model's decoder")
+@click.option("--decoder-layers", type=click.IntRange(min=1), help="with --share-encoder: the student decoder's "
+              "layers (the --from decoder's last layer repeated) [the --from model's]")
 @click.option("--from", "start", metavar="FILE", help="step 2: the pair's model file to fine-tune [pair.json's small]")
 @click.option("--name", default="small-aligned.pt", show_default=True,
               help="file name of the aligned model; not the --from model, nor (without --replace) any file of the pair")
@@ -257,35 +276,44 @@ def comparison(suite: dict, unaligned: SmallModel, aligned: SmallModel, default_
 def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
             workers: int | None, device: str, precision: str, max_update: int, hours: float, lr: float, warmup_updates: int,
             max_tokens: int, dropout: float | None, average: int, kd_weight: float, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
-            student_layers: str | None, start: str | None, name: str, replace: bool, install: bool) -> None:
+            student_layers: str | None, share_encoder: bool, decoder_layers: int | None, start: str | None, name: str,
+            replace: bool, install: bool) -> None:
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         spec = PairSpec.load(pair_dir)
         if start is not None and student_layers is not None:
             raise click.UsageError("--from and --student-layers both choose the model to fine-tune: give one")
+        if share_encoder and student_layers is not None:
+            raise click.UsageError("--share-encoder and --student-layers both choose the student's encoder: give one")
+        if decoder_layers is not None and not share_encoder:
+            raise click.UsageError("--decoder-layers shapes a --share-encoder student: add --share-encoder")
         check_precision(precision, resolve_device(device))
         start = start or spec.small
         check_names(spec, start, name, replace)
         batchings = [Batching.parse(b) for b in batch_texts]
-        workdir.mkdir(parents=True, exist_ok=True)
-        small = student(spec, student_layers, workdir, start)  # before step 1: a wrong layer list fails at once
+        own = workdir / Path(name).stem  # this student's steps 2-3; step 1 is the work directory's
+        own.mkdir(parents=True, exist_ok=True)
+        # before step 1: a wrong layer list fails at once
+        small = student(spec, student_layers, own, start, share_encoder, decoder_layers)
         echo(f"1/3 the big model decodes {train_source}" + (f" (first {limit} lines)" if limit else ""))
         source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device, "teacher", precision)
         _, dev_teacher = teacher_outputs(spec, dev_source, None, workdir, workers, device, "dev-teacher", precision)
         echo("2/3 fine-tuning the small model on the big model's outputs")
         bin_dir = distillation_data(spec, (read_lines(source), read_lines(teacher)),
-                                    (read_lines(dev_source), read_lines(dev_teacher)), workdir)
+                                    (read_lines(dev_source), read_lines(dev_teacher)), own)
         options = ["--lr", str(lr), "--warmup-updates", str(warmup_updates), "--max-tokens", str(max_tokens),
                    "--max-update", str(max_update), "--stop-time-hours", str(hours),
                    "--save-interval-updates", str(max(1, min(500, max_update))),
                    "--keep-interval-updates", str(average),
                    *(["--dropout", str(dropout)] if dropout is not None else []), *criterion_flags(spec, kd_weight),
                    *FAIRSEQ_FLAGS[precision]]
-        best = finetune(spec, small, bin_dir, workdir, options, threads)
+        best = finetune(spec, small, bin_dir, own, options, threads, share_encoder)
         aligned = export_for_inference(last_interval_checkpoints(best.parent, average), workdir / name)
+        if share_encoder:
+            adopt_encoder(aligned, spec.model_path("big"))
         echo(f"3/3 comparing {name} with {start} on {dev_source}")
         models = (SmallModel(None if start == spec.small else start), SmallModel(name))
-        suite = Suite("dev", evaluation_pair(spec, aligned, workdir, name), dev_source, dev_ref, models)
+        suite = Suite("dev", evaluation_pair(spec, aligned, own, name), dev_source, dev_ref, models)
         result = run_suite(suite, batchings, repeats, eval_limit, resolve_device(device), threads, False, echo,
                            engines=(("torch", False),), precision=precision)
     except (PairDirError, MeasureError, DistillError, BildOptionError, ConfigError, ConfigChanged, RunFailed,
@@ -293,9 +321,9 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         raise click.ClickException(str(e)) from None
     report = "\n".join(["## Aligned small model", "", *comparison(result, *models, spec.small), "",
                         *render_suite(result)])
-    (workdir / "report.json").write_text(json.dumps({**result, "precision": precision}, indent=1) + "\n",
+    (own / "report.json").write_text(json.dumps({**result, "precision": precision}, indent=1) + "\n",
                                          encoding="utf-8")
-    (workdir / "report.md").write_text(report, encoding="utf-8")
+    (own / "report.md").write_text(report, encoding="utf-8")
     click.echo(report)
     if install:
         kept = install_model(aligned, spec.directory / name)

@@ -63,3 +63,54 @@ def shrink(teacher: Path, dst: Path, decoder_layers: Sequence[int], encoder_laye
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**state, "cfg": cfg, "model": model}, dst)
     return dst
+
+
+#: fairseq transformer settings that apply to the encoder and the decoder alike: a grafted student
+#: can only keep the teacher's encoder if the donor of its decoder has the same ones
+_COMMON = ("activation_fn", "no_scale_embedding", "layernorm_embedding", "adaptive_input",
+           "no_token_positional_embeddings", "max_source_positions")
+
+
+def graft(teacher: Path, donor: Path, dst: Path, decoder_layers: int | None = None) -> Path:
+    """Write a fairseq checkpoint of ``teacher``'s encoder and ``donor``'s decoder (its last layer
+    repeated up to ``decoder_layers``), in fp32 for training: the start of a student that shares
+    the teacher's encoder (trained with the encoder frozen, ``transformer_frozen_encoder``).
+    The donor's cross-attention already reads encoder states of the teacher's width when the two
+    encoders are equally wide; otherwise its key/value projections cannot be kept."""
+    big, small = (torch.load(path, map_location="cpu") for path in (teacher, donor))  # weights-only, allow-list
+    cfg = copy.deepcopy(small["cfg"])
+    model_cfg, big_cfg = model_settings(cfg["model"]), model_settings(big["cfg"]["model"])
+    differ = [key for key in _COMMON if model_cfg.get(key) != big_cfg.get(key)]
+    width = (big_cfg["encoder_embed_dim"], model_cfg["encoder_embed_dim"])
+    if differ or width[0] != width[1]:
+        problem = (f"settings that apply to both encoder and decoder differ ({', '.join(differ)})" if differ
+                   else f"its decoder reads {width[1]}-dim encoder states, the teacher's encoder writes {width[0]}")
+        raise ShrinkError(f"{donor} cannot take {teacher}'s encoder: {problem}")
+    model_cfg.update({key: value for key, value in big_cfg.items() if key.startswith("encoder_")})
+    model_cfg["share_all_embeddings"] = False
+    have = model_cfg["decoder_layers"]
+    layers = decoder_layers or have
+    model_cfg["decoder_layers"] = layers
+    model = {name: tensor.float() for name, tensor in big["model"].items() if name.startswith("encoder.")}
+    for name, tensor in small["model"].items():
+        match = _LAYER.match(name)
+        if name.startswith("decoder.") and match is None:
+            model[name] = tensor.float() if tensor.is_floating_point() else tensor
+        elif match is not None and match.group(1) == "decoder":
+            index, rest = int(match.group(2)), match.group(3)
+            targets = [index] if index < have - 1 else range(index, layers)
+            for target in targets if index < layers else ():
+                model[f"decoder.layers.{target}.{rest}"] = tensor.float().clone()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**small, "cfg": cfg, "model": model}, dst)
+    return dst
+
+
+def adopt_encoder(student: Path, teacher: Path) -> Path:
+    """Rewrite ``student``'s encoder weights as ``teacher`` stores them. A student trained on the
+    teacher's frozen encoder holds the same values, but exporting in fp16 rounds an fp32
+    teacher's; decoding recognises a shared encoder by bit-equal weights (bild_fairseq.sharing)."""
+    state, big = (torch.load(path, map_location="cpu") for path in (student, teacher))  # weights-only, allow-list
+    state["model"].update({name: tensor for name, tensor in big["model"].items() if name.startswith("encoder.")})
+    torch.save(state, student)
+    return student

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,6 +19,8 @@ from bild_fairseq.config import DEFAULTS, BildOptionError, check_decoding, check
 from bild_fairseq.pairdir import GENERATION_DEFAULTS, PairSpec
 from bild_fairseq.precision import DTYPES, check_precision
 from bild_fairseq.stats import BildStats
+
+logger = logging.getLogger("bild_fairseq")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ class PairTranslator:
             settings.update(engine=generator.big.name, precision=generator.big.precision)
         if mode == "bild":
             settings.update(exact=exact, **bild)
+            if files[1].name in spec.shared_encoder and not generator.shared_encoder:
+                logger.warning("%s was trained on the big model's encoder but %s's encoder differs: it runs its own "
+                               "copy (correct, slower); distil it again for this big model", files[1].name, files[0].name)
         max_src = min(m.max_positions()[0] for m in models)
         return cls(spec, task, generator, max_src, settings, device)
 

@@ -13,6 +13,7 @@
               "target": {"tokenizer": "moses", "lang": "en", "bpe_codes": "bpe.codes"}},
      "max_source_tokens": null,                        # truncation of source words/pieces at training
      "big": "big.pt", "small": "small.pt",
+     "shared_encoder": ["small-aligned.pt"],          # small models trained on the big encoder
      "bild": {"fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10,
               "wait_share": 0.5, "max_wait": 1000, "verify_drafting": false},  # absent: the --bild-* defaults
      "generation": {"max_len_a": 0, "max_len_b": 200},
@@ -56,6 +57,10 @@ class PairSpec:
     max_source_tokens: int | None = None
     big: str = "big.pt"
     small: str = "small.pt"
+    # small model files trained on the big model's encoder (bild-jobs distill --share-encoder): they
+    # decode from its output (bild_fairseq.sharing recognises them by their weights; this
+    # declaration makes a big model that no longer matches them a warning)
+    shared_encoder: list = field(default_factory=list)
     bild: dict = field(default_factory=dict)
     generation: dict = field(default_factory=dict)
     # `bild-jobs run`'s defaults when no mode flag / --engine / --int8 is given, chosen by

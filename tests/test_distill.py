@@ -4,6 +4,7 @@ big model's frozen encoder), the report compares it with the small model."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ pytest_plugins = ["jobs_fixtures", "bench_fixtures"]
 N_TRAIN = 40
 
 
-def test_distillation_end_to_end(tiny_pair, tmp_path):
+def test_distillation_end_to_end(tiny_pair, tmp_path, caplog):
     pair = copy_pair(tiny_pair, tmp_path / "pair", fallback_threshold=0.05, max_small_steps=4)
     train = write_lines(tmp_path / "train.de", "lohelp.de-en.train.de.xz", 200)
     dev = write_lines(tmp_path / "dev.de", "lohelp.de-en.valid.de.xz", 30)
@@ -67,7 +68,12 @@ def test_distillation_end_to_end(tiny_pair, tmp_path):
     dropout = [model_settings(torch.load(p)["cfg"]["model"])["dropout"] for p in (pair / "small.pt", work / "small-aligned.pt")]
     assert dropout == [0.1, 0.0]  # --dropout overrode the small model's own
     assert (pair / "small-aligned.pt").read_bytes() == (work / "small-aligned.pt").read_bytes()  # --install
+    assert json.loads((pair / "pair.json").read_text())["shared_encoder"] == ["small-aligned.pt"]
     assert PairTranslator.from_pair_dir(pair, small_checkpoint="small-aligned.pt").generator.shared_encoder
+    with caplog.at_level(logging.WARNING, "bild_fairseq"):  # another big model: the student runs its own copy
+        other = PairTranslator.from_pair_dir(pair, small_checkpoint="small-aligned.pt", big_checkpoint="small.pt")
+    assert not other.generator.shared_encoder
+    assert "small-aligned.pt was trained on the big model's encoder but small.pt's encoder differs" in caplog.text
 
     # 3. the report compares both small models in the benchmark's format
     report = json.loads((own / "report.json").read_text())

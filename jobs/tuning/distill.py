@@ -327,6 +327,9 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
     click.echo(report)
     if install:
         kept = install_model(aligned, spec.directory / name)
+        if share_encoder and name not in spec.shared_encoder:
+            spec.shared_encoder.append(name)
+            spec.save()
         echo(f"installed {spec.directory / name}: decode with --small-checkpoint {name}"
              + (f" (the previous one is kept as {kept})" if kept else ""))
 

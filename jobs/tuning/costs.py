@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -35,8 +36,10 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "non
 
 def pass_costs(models: PairModels, source: torch.Tensor, engines=tuple(ENGINES), rows: int = 1,
                repeats: int = 200, budget_s: float = 0.25) -> dict[str, dict]:
-    """Milliseconds per call, per engine label and model: ``step`` and k-token ``forward`` passes,
-    on the models' device (a GPU synchronized before the clock is read). Each call is repeated
+    """Milliseconds per call, per engine label and model (``big``; pair.json's small model as
+    ``small``, any other as ``small@NAME``, as the bench names its variants): ``step`` and
+    k-token ``forward`` passes, on the models' device (a GPU synchronized before the clock is
+    read). Each call is repeated
     ``repeats`` times, or fewer (at least 10) once ``budget_s`` is spent: slow calls (bf16 on a
     CPU without bf16 units) would otherwise take minutes."""
     tgt = models.base.task.target_dictionary
@@ -50,7 +53,8 @@ def pass_costs(models: PairModels, source: torch.Tensor, engines=tuple(ENGINES),
     tokens = lambda k: torch.full((rows, k), 5, device=device)  # noqa: E731
     out = {}
     for engine, int8 in engines:
-        for name, model in (("big", models.big), ("small", next(iter(models.small.values())))):
+        smalls = [("small" if name is None else f"small@{Path(name).stem}", model) for name, model in models.small.items()]
+        for name, model in (("big", models.big), *smalls):
             runtime = build_engine(model, engine, int8)
             row = out.setdefault(f"{ENGINES[engine, int8]} {name}", {})
             with torch.no_grad():

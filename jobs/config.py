@@ -106,13 +106,14 @@ class Decoding(BildChoice):
 def pair_fingerprint(spec: PairSpec, decoding: Decoding, digest: Callable[[Path], str]) -> dict:
     """Content digests of every pair file this decoding uses, and under "pair.json" a digest of
     the pair.json settings its output depends on: not the run's default mode and its reasons, nor
-    the BiLD batch policy, and the BiLD thresholds only when decoding with BiLD (re-tuning BiLD
-    leaves a big-only run resumable). The model file names count through their digests."""
+    the BiLD batch policy, nor which small models share the big encoder (sharing changes no output),
+    and the BiLD thresholds only when decoding with BiLD (re-tuning BiLD leaves a big-only run
+    resumable). The model file names count through their digests."""
     names = [f"dict.{spec.source_lang}.txt", f"dict.{spec.target_lang}.txt", *decoding.model_files(spec),
              *spec.text_files()]
     # an empty "text" (the legacy keys declare the pipeline) leaves earlier work directories' digest as it was
     settings = {k: v for k, v in asdict(spec).items()
-                if k not in ("directory", "big", "small", "bild", "run") and not (k == "text" and not v)}
+                if k not in ("directory", "big", "small", "bild", "run", "shared_encoder") and not (k == "text" and not v)}
     if decoding.resolve(spec).mode == "bild":
         settings["bild"] = {k: v for k, v in spec.bild.items() if k not in BATCH_POLICY}
     text = json.dumps(settings, sort_keys=True, default=str).encode()

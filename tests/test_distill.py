@@ -157,3 +157,34 @@ def test_distilling_again_never_overwrites_or_compares_a_model_with_itself(tiny_
     assert kept.parent == pair and kept.name.startswith("small-aligned.replaced-")
     assert kept.read_bytes() == (pair / "small.pt").read_bytes()
     assert install_model(aligned, pair / "fresh.pt") is None and (pair / "fresh.pt").read_bytes() == b"new model"
+
+
+def test_the_grafted_decoder_reads_the_big_encoder_as_the_small_one_read_its_own(tiny_pair, tmp_path):
+    """--share-encoder's refit: after it, the student's cross-attention keys/values computed from
+    the big encoder's states are closer to what the small model computed from its own encoder."""
+    from bild_fairseq.incremental import EncoderOutput, cross_attention_kv
+    from jobs.tuning.shrink import fit_cross_attention, graft
+
+    pair = copy_pair(tiny_pair, tmp_path / "pair")
+    lines = write_lines(tmp_path / "train.de", "lohelp.de-en.train.de.xz", 100).read_text().splitlines()
+    graft(pair / "big.pt", pair / "small.pt", pair / "student.pt")
+    big, small = (PairTranslator.from_pair_dir(pair, mode=m) for m in ("big", "small"))
+    sources = [big.encode(line)[0] for line in lines[:20]]
+
+    def distance() -> float:
+        student = PairTranslator.from_pair_dir(pair, mode="small", small_checkpoint="student.pt")
+        total = 0.0
+        for ids in sources:
+            src, n = ids[None], torch.tensor([ids.numel()])
+            want = cross_attention_kv(small.generator.model.single_model.decoder, EncoderOutput.of(
+                small.generator.model.single_model.encoder(src, src_lengths=n)).states)
+            got = cross_attention_kv(student.generator.model.single_model.decoder, EncoderOutput.of(
+                big.generator.model.single_model.encoder(src, src_lengths=n)).states)
+            total += sum(float(((a - b) ** 2).mean()) for a, b in zip(want, got))
+        return total
+
+    with torch.no_grad():
+        before = distance()
+        r2 = fit_cross_attention(pair / "student.pt", pair, "small.pt", lines)
+        after = distance()
+    assert 0 < r2 <= 1 and after < 0.8 * before, (r2, before, after)

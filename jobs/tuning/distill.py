@@ -21,7 +21,7 @@ paper fine-tunes the small model on the big model's own outputs. One command doe
         --dev-source data/corpora/lohelp.de-en.valid.de.xz --dev-ref data/corpora/lohelp.de-en.valid.en.xz \\
         --workdir data/work/deen-distill [--limit 20000] [--max-update 2000] [--install]
         [--student-layers 0/0-3]    # the big decoder's layer 0 and its encoder layers 0-3
-        [--share-encoder [--decoder-layers 2]]   # decoder only, on the big model's encoder
+        [--share-encoder [--decoder-layers 2] [--fit-lines 2000]]   # decoder only, on the big model's encoder
 
 Step 1 is shared by every student distilled in one work directory; steps 2 and 3 run in
 WORKDIR/NAME-STEM/, so several students can train from one teacher decoding at once. Writes
@@ -59,7 +59,7 @@ from jobs.shards import read_lines
 from jobs.tuning.bench import SmallModel, Suite, run_suite
 from jobs.tuning.benchreport import render_suite
 from jobs.tuning.measure import Batching, MeasureError
-from jobs.tuning.shrink import ShrinkError, adopt_encoder, graft, parse_layers, shrink
+from jobs.tuning.shrink import ShrinkError, adopt_encoder, fit_cross_attention, graft, parse_layers, shrink
 from jobs.workdir import WorkDir, WorkDirError
 from jobs.worker import resolve_device
 
@@ -267,6 +267,9 @@ def comparison(suite: dict, unaligned: SmallModel, aligned: SmallModel, default_
               "runs once for both models when decoding) under the --from model's decoder")
 @click.option("--decoder-layers", type=click.IntRange(min=1), help="with --share-encoder: the student decoder's "
               "layers (the --from decoder's last layer repeated) [the --from model's]")
+@click.option("--fit-lines", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="with --share-encoder: fit the decoder's cross-attention to the big encoder's states on this "
+                   "many training sources before training (0: keep the --from model's as they are)")
 @click.option("--from", "start", metavar="FILE", help="step 2: the pair's model file to fine-tune [pair.json's small]")
 @click.option("--name", default="small-aligned.pt", show_default=True,
               help="file name of the aligned model; not the --from model, nor (without --replace) any file of the pair")
@@ -276,7 +279,8 @@ def comparison(suite: dict, unaligned: SmallModel, aligned: SmallModel, default_
 def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path, workdir: Path, limit: int | None,
             workers: int | None, device: str, precision: str, max_update: int, hours: float, lr: float, warmup_updates: int,
             max_tokens: int, dropout: float | None, average: int, kd_weight: float, threads: int | None, eval_limit: int | None, batch_texts: tuple[str, ...], repeats: int,
-            student_layers: str | None, share_encoder: bool, decoder_layers: int | None, start: str | None, name: str,
+            student_layers: str | None, share_encoder: bool, decoder_layers: int | None, fit_lines: int,
+            start: str | None, name: str,
             replace: bool, install: bool) -> None:
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
@@ -295,6 +299,9 @@ def distill(pair_dir: Path, train_source: Path, dev_source: Path, dev_ref: Path,
         own.mkdir(parents=True, exist_ok=True)
         # before step 1: a wrong layer list fails at once
         small = student(spec, student_layers, own, start, share_encoder, decoder_layers)
+        if share_encoder and fit_lines:
+            r2 = fit_cross_attention(small, spec.directory, start, read_lines(train_source, fit_lines))
+            echo(f"the student's cross-attention refitted to the big encoder on {fit_lines} sources (R^2 {r2:.2f})")
         echo(f"1/3 the big model decodes {train_source}" + (f" (first {limit} lines)" if limit else ""))
         source, teacher = teacher_outputs(spec, train_source, limit, workdir, workers, device, "teacher", precision)
         _, dev_teacher = teacher_outputs(spec, dev_source, None, workdir, workers, device, "dev-teacher", precision)

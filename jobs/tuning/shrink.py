@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from bild_fairseq.checkpoints import model_settings
 
@@ -114,3 +115,43 @@ def adopt_encoder(student: Path, teacher: Path) -> Path:
     state["model"].update({name: tensor for name, tensor in big["model"].items() if name.startswith("encoder.")})
     torch.save(state, student)
     return student
+
+
+@torch.no_grad()
+def fit_cross_attention(student: Path, pair: Path, donor: str, lines: Sequence[str], ridge: float = 1e-3) -> float:
+    """Re-express a grafted student's cross-attention for the teacher's encoder: the least-squares
+    affine map from the teacher's encoder states to the donor's own (h_donor ~ h_teacher M + c,
+    over the non-padding positions of ``lines``), folded into every decoder layer's key and value
+    projections (W -> W M^T, b -> W c + b). The student then starts by reading the big encoder
+    about as the donor read its own, instead of through projections fitted to another encoder.
+    Returns the fit's R^2 (the share of the donor states' variance the map explains)."""
+    from fairseq.data import data_utils
+
+    from bild_fairseq.api import PairTranslator
+
+    translators = [PairTranslator.from_pair_dir(pair, mode="big"),
+                   PairTranslator.from_pair_dir(pair, mode="small", small_checkpoint=donor)]
+    pipeline, pad = translators[0].spec.text_pipeline(), translators[0].task.source_dictionary.pad()
+    ids = [translators[0].encode(line, pipeline)[0] for line in lines if line.strip()]
+    states: list[list[Tensor]] = [[], []]
+    for i in range(0, len(ids), 64):
+        src = data_utils.collate_tokens(ids[i:i + 64], pad, left_pad=True)
+        lengths, real = src.ne(pad).sum(1), src.ne(pad)
+        for t, out in zip(translators, states):
+            encoder = t.generator.model.single_model.encoder
+            out.append(encoder(src, src_lengths=lengths)["encoder_out"][0].transpose(0, 1)[real])
+    teacher, donor_states = (torch.cat(s).double() for s in states)
+    x = torch.cat([teacher, torch.ones(len(teacher), 1, dtype=teacher.dtype)], dim=1)  # affine: last row is c
+    gram = x.T @ x + ridge * len(x) * torch.eye(x.size(1), dtype=x.dtype)
+    solution = torch.linalg.solve(gram, x.T @ donor_states)  # (E_teacher + 1, E_donor)
+    residual = ((x @ solution - donor_states) ** 2).sum()
+    r2 = float(1 - residual / ((donor_states - donor_states.mean(0)) ** 2).sum())
+    m, c = solution[:-1], solution[-1]
+    state = torch.load(student, map_location="cpu")  # weights-only, allow-list
+    for name in [n for n in state["model"] if re.match(r"decoder\.layers\.\d+\.encoder_attn\.[kv]_proj\.weight$", n)]:
+        weight = state["model"][name].double()
+        bias_name = name[:-len("weight")] + "bias"
+        state["model"][bias_name] = (weight @ c + state["model"][bias_name].double()).float()
+        state["model"][name] = (weight @ m.T).float()
+    torch.save(state, student)
+    return r2

@@ -193,8 +193,23 @@ def test_task_build_generator_gets_bild_from_options_and_small_follows_big_dtype
     gen = t.task.build_generator([big], cfg)
     assert isinstance(gen, BildSequenceGenerator) and gen.exact
     assert next(gen.small_model.parameters()).dtype == torch.bfloat16
+    assert not gen.shared_encoder
     cfg.bild = False
     assert type(t.task.build_generator([big], cfg)).__name__ == "SequenceGenerator"
+
+
+def test_bild_small_path_takes_a_student_that_shares_the_big_encoder(tiny_pair, tmp_path):
+    """fairseq-generate --bild-small-path with a student of the big model's encoder (what
+    bild-jobs distill --share-encoder writes): its decoder reads the big encoder's output."""
+    from fairseq.dataclass.configs import GenerationConfig
+
+    from bild_fairseq.api import PairTranslator
+    from jobs.tuning.shrink import graft
+
+    t = PairTranslator.from_pair_dir(tiny_pair, mode="big")
+    cfg = GenerationConfig(beam=1)
+    cfg.bild, cfg.bild_small_path = True, str(graft(tiny_pair / "big.pt", tiny_pair / "small.pt", tmp_path / "s.pt"))
+    assert t.task.build_generator([t.generator.model.single_model], cfg).shared_encoder
 
 
 @pytest.mark.parametrize("max_tokens,max_sentences", [(None, 1), (None, 8), (None, 16), (100, None), (300, 16)])

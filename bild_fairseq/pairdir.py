@@ -100,6 +100,8 @@ class PairSpec:
         del data["directory"]
         for key in LEGACY_TEXT_KEYS if self.text else ("text",):
             del data[key]  # one declaration of the pipeline (the shipped pairs' files stay as they are)
+        if not self.shared_encoder:
+            del data["shared_encoder"]  # likewise: only pairs with such a small model list them
         path = self.directory / "pair.json"
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path

@@ -74,10 +74,10 @@ _COMMON = ("activation_fn", "no_scale_embedding", "layernorm_embedding", "adapti
 
 def graft(teacher: Path, donor: Path, dst: Path, decoder_layers: int | None = None) -> Path:
     """Write a fairseq checkpoint of ``teacher``'s encoder and ``donor``'s decoder (its last layer
-    repeated up to ``decoder_layers``), in fp32 for training: the start of a student that shares
-    the teacher's encoder (trained with the encoder frozen, ``transformer_frozen_encoder``).
-    The donor's cross-attention already reads encoder states of the teacher's width when the two
-    encoders are equally wide; otherwise its key/value projections cannot be kept."""
+    repeated up to ``decoder_layers``; fewer keeps its first ones), in fp32 for training: the
+    start of a student that shares the teacher's encoder (trained with the encoder frozen,
+    ``transformer_frozen_encoder``). The donor's cross-attention must read encoder states as wide
+    as the teacher's encoder writes (refused otherwise: its key/value projections would not fit)."""
     big, small = (torch.load(path, map_location="cpu") for path in (teacher, donor))  # weights-only, allow-list
     cfg = copy.deepcopy(small["cfg"])
     model_cfg, big_cfg = model_settings(cfg["model"]), model_settings(big["cfg"]["model"])
@@ -99,8 +99,8 @@ def graft(teacher: Path, donor: Path, dst: Path, decoder_layers: int | None = No
             model[name] = tensor.float() if tensor.is_floating_point() else tensor
         elif match is not None and match.group(1) == "decoder":
             index, rest = int(match.group(2)), match.group(3)
-            targets = [index] if index < have - 1 else range(index, layers)
-            for target in targets if index < layers else ():
+            targets = range(index, layers) if index == have - 1 else [index] if index < layers else []
+            for target in targets:
                 model[f"decoder.layers.{target}.{rest}"] = tensor.float().clone()
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**small, "cfg": cfg, "model": model}, dst)

@@ -189,12 +189,9 @@ class IncrementalDecoder:
             self._positions = embed(fake)[0].detach()
         return self._positions
 
-    def start(self, encoded: EncoderOutput | dict, capacity: int = 32) -> DecoderCache:
+    def start(self, encoded: EncoderOutput, capacity: int = 32) -> DecoderCache:
         """Project cross-attention keys/values once and allocate an empty self-attention cache
-        (``capacity`` tokens per sentence to begin with; it grows as needed). ``encoded``: an
-        :class:`EncoderOutput` or a fairseq encoder's output dict."""
-        if isinstance(encoded, dict):
-            encoded = EncoderOutput.of(encoded)
+        (``capacity`` tokens per sentence to begin with; it grows as needed)."""
         cross_k, cross_v = cross_attention_kv(self.decoder, encoded.states)
         sa = self.decoder.layers[0].self_attn
         self._position_table(capacity, cross_k)

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bild_fairseq.api import PairTranslator  # noqa: E402
-from bild_fairseq.incremental import IncrementalDecoder  # noqa: E402
+from bild_fairseq.incremental import EncoderOutput, IncrementalDecoder  # noqa: E402
 from bild_fairseq.pairdir import PairSpec  # noqa: E402
 from bild_fairseq.scoring import score_task  # noqa: E402
 from data.corpora import CORPORA  # noqa: E402
@@ -50,7 +50,7 @@ def step_ms(model, prefix: int = 20, source_len: int = 25, repeats: int = 30) ->
     src = torch.randint(4, 100, (1, source_len))
     with torch.no_grad():
         enc = model.encoder(src, src_lengths=torch.tensor([source_len]))
-        cache = dec.start(enc, prefix + repeats + 2)
+        cache = dec.start(EncoderOutput.of(enc), prefix + repeats + 2)
         dec.forward(cache, torch.tensor([0]), torch.randint(4, 100, (1, prefix)), torch.tensor([prefix]))
         times = []
         for _ in range(repeats):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bild_fairseq.incremental import IncrementalDecoder, UnsupportedDecoderError
+from bild_fairseq.incremental import EncoderOutput, IncrementalDecoder, UnsupportedDecoderError
 
 TOL = 1e-4
 
@@ -36,11 +36,11 @@ def test_k_tokens_at_once_equal_one_by_one_and_full_forward(model_and_batch):
     dec = IncrementalDecoder(model.decoder)
     rows = torch.arange(3)
     with torch.no_grad():
-        cache = dec.start(enc, 32)
+        cache = dec.start(EncoderOutput.of(enc), 32)
         at_once = dec.forward(cache, rows, prev, torch.full((3,), prev.size(1)))
-        cache = dec.start(enc, 32)
+        cache = dec.start(EncoderOutput.of(enc), 32)
         steps = [dec.forward(cache, rows, prev[:, t:t + 1], torch.ones(3, dtype=torch.long)) for t in range(prev.size(1))]
-        cache = dec.start(enc, 32)  # mixed chunk sizes: 1, 4, 6
+        cache = dec.start(EncoderOutput.of(enc), 32)  # mixed chunk sizes: 1, 4, 6
         chunks = [dec.forward(cache, rows, prev[:, a:b], torch.full((3,), b - a)) for a, b in ((0, 1), (1, 5), (5, 11))]
     assert (at_once - full).abs().max() < TOL
     assert (torch.cat(steps, 1) - full).abs().max() < TOL
@@ -53,7 +53,7 @@ def test_truncate_then_refeed_equals_never_having_fed(model_and_batch):
     dec = IncrementalDecoder(model.decoder)
     rows = torch.arange(3)
     with torch.no_grad():
-        cache = dec.start(enc, 32)
+        cache = dec.start(EncoderOutput.of(enc), 32)
         dec.forward(cache, rows, prev[:, :6], torch.full((3,), 6))
         dec.forward(cache, rows, torch.randint(4, 200, (3, 4)), torch.full((3,), 4))  # rejected tokens
         cache.truncate(rows, torch.tensor([6, 3, 6]))
@@ -69,7 +69,7 @@ def test_ragged_rows_with_padding_match(model_and_batch):
     model, enc, prev, full = model_and_batch
     dec = IncrementalDecoder(model.decoder)
     with torch.no_grad():
-        cache = dec.start(enc, 32)
+        cache = dec.start(EncoderOutput.of(enc), 32)
         out = dec.forward(cache, torch.arange(3), prev[:, :5], torch.tensor([5, 2, 3]))
     assert (out[0] - full[0, :5]).abs().max() < TOL
     assert (out[1, :2] - full[1, :2]).abs().max() < TOL
@@ -81,7 +81,7 @@ def test_cache_grows_and_drops_finished_rows_without_changing_results(model_and_
     model, enc, prev, full = model_and_batch
     dec = IncrementalDecoder(model.decoder)
     with torch.no_grad():
-        cache = dec.start(enc, 2)  # grows by doubling as tokens arrive
+        cache = dec.start(EncoderOutput.of(enc), 2)  # grows by doubling as tokens arrive
         first = dec.forward(cache, torch.arange(3), prev[:, :3], torch.full((3,), 3))
         cache.select(torch.tensor([2, 0]))  # sentence 1 finished: it leaves the batch
         rest = dec.forward(cache, torch.arange(2), prev[[2, 0], 3:], torch.full((2,), 8))
@@ -96,7 +96,7 @@ def test_one_token_step_equals_forward_on_ragged_rows(model_and_batch):
     model, enc, prev, full = model_and_batch
     dec = IncrementalDecoder(model.decoder)
     with torch.no_grad():
-        cache = dec.start(enc, 2)
+        cache = dec.start(EncoderOutput.of(enc), 2)
         dec.forward(cache, torch.arange(3), prev[:, :5], torch.tensor([5, 2, 3]))  # lengths 5, 2, 3
         outs = []
         for _ in range(4):
@@ -117,7 +117,7 @@ def test_additive_masks_give_the_boolean_masks_results_bit_for_bit(model_and_bat
     def decode():
         dec = IncrementalDecoder(model.decoder)
         with torch.no_grad():
-            cache = dec.start(enc, 2)
+            cache = dec.start(EncoderOutput.of(enc), 2)
             first = dec.forward(cache, torch.arange(3), prev[:, :5], torch.tensor([5, 2, 3]))
             return [first] + [dec.step(cache, prev[torch.arange(3), cache.length], int(cache.length.max()) + 1)
                               for _ in range(3)]

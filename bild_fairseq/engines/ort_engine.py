@@ -14,8 +14,8 @@ and its 8-bit MatMulNBits kernel (accuracy_level 4) computes rows in pairs, an u
 rounding differently, so with 8-bit weights every call feeds an even number of token rows. The
 extra tokens are scratch: they follow the real ones (the causal mask hides them), their
 outputs are dropped and their cache slots lie past the sentence's length. For 8-bit sources
-the encoder (and the cross-attention projections, given states of an odd size) get one more
-padding column where needed. Cost: a one-token step computes two
+the encoder gets one more padding column where needed (its states, which the cross-attention
+graph projects, then have an even number of rows too). Cost: a one-token step computes two
 rows (measured in BENCHMARKS.md, "Engines").
 """
 from __future__ import annotations
@@ -62,12 +62,9 @@ class OrtEngine:
         return EncoderOutput(torch.from_numpy(states), torch.from_numpy(mask))
 
     def start(self, encoded: EncoderOutput, capacity: int = 32) -> DecoderCache:
-        states, mask = encoded.states, encoded.source_mask
-        if self.even_rows and mask.numel() % 2:  # states from another engine: pad as encode does
-            states = torch.cat([states, states.new_zeros(states.size(0), 1, states.size(2))], dim=1)
-            mask = torch.cat([mask, mask.new_zeros(mask.size(0), 1)], dim=1)
-        cross_k, cross_v = self.cross.run(None, {"states": np.ascontiguousarray(states.cpu().numpy())})
-        return DecoderCache.empty(torch.from_numpy(cross_k), torch.from_numpy(cross_v), mask.cpu(),
+        states = np.ascontiguousarray(encoded.states.cpu().numpy())
+        cross_k, cross_v = self.cross.run(None, {"states": states})
+        return DecoderCache.empty(torch.from_numpy(cross_k), torch.from_numpy(cross_v), encoded.source_mask.cpu(),
                                   self.heads, self.head_dim, capacity)
 
     def step(self, cache: DecoderCache, tokens: Tensor, visible: int, rules: SearchRules, max_len: Tensor) -> Scores:

@@ -46,7 +46,7 @@ from jobs.tuning.agreement import agreement
 from jobs.tuning.costs import loop_split, pass_costs
 from jobs.tuning.ties import near_ties
 from jobs.tuning.measure import (Batching, MeasureError, PairModels, Result, Variant, bild_rates,
-                                 detokenize, encode, engine_tag, measure, plan_batches)
+                                 detokenize, encode, engine_tag, measure, plan_batches, small_suffix)
 from jobs.tuning.peers import CT2_TYPES, PeerUnavailable, ct2_missing
 from jobs.workdir import sha256_file
 
@@ -66,7 +66,7 @@ class SmallModel:
 
     @property
     def suffix(self) -> str:
-        return "" if self.checkpoint is None else "@" + Path(self.checkpoint).stem
+        return small_suffix(self.checkpoint)
 
     def variants(self, per_sentence: bool = False, engine: str = "torch", int8: bool = False) -> list[Variant]:
         """``per_sentence``: also exact and default BiLD under the paper's per-sentence batch

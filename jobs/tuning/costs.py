@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 from bild_fairseq.engines import build_engine
 from bild_fairseq.rules import SearchRules
 from jobs.shards import read_lines
-from jobs.tuning.measure import Batching, PairModels, Variant, encode, generate, plan_batches
+from jobs.tuning.measure import Batching, PairModels, Variant, encode, generate, plan_batches, small_suffix
 
 KS = (1, 2, 4, 8)
 #: engine, 8-bit weights -> the label tables use
@@ -53,7 +52,7 @@ def pass_costs(models: PairModels, source: torch.Tensor, engines=tuple(ENGINES),
     tokens = lambda k: torch.full((rows, k), 5, device=device)  # noqa: E731
     out = {}
     for engine, int8 in engines:
-        smalls = [("small" if name is None else f"small@{Path(name).stem}", model) for name, model in models.small.items()]
+        smalls = [(f"small{small_suffix(name)}", model) for name, model in models.small.items()]
         for name, model in (("big", models.big), *smalls):
             runtime = build_engine(model, engine, int8)
             row = out.setdefault(f"{ENGINES[engine, int8]} {name}", {})

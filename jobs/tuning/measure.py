@@ -148,6 +148,11 @@ class Batching:
         return cls(None, number) if tokens else cls(number, max_tokens)
 
 
+def small_suffix(checkpoint: str | None) -> str:
+    """How variants and call costs name a small model: "" for pair.json's, "@STEM" for another."""
+    return "" if checkpoint is None else "@" + Path(checkpoint).stem
+
+
 class PairModels:
     """A pair directory's models, loaded once, and a translator per variant that shares them."""
 
